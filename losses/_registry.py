@@ -1,0 +1,69 @@
+"""One loss signature and a registry by name.
+
+    loss, metrics = loss_fn(policy, reference, batch, cfg)
+
+`policy` and `reference` are `Outputs` dicts for K sequences per example (K = 1 for SFT, 2 for pairwise
+with index 0 = chosen and 1 = rejected, K for listwise), computed in one batched forward pass. All values
+are float32. Keys (a loss declares the optional ones it needs with `register(..., needs=...)`, and the
+trainer computes only those):
+
+    logps        [B, K]        summed log-prob of the completion tokens                       always
+    token_logps  [B, K, T]     per-token log-prob of the target token                         always
+    mask         [B, K, T]     1.0 on completion (loss) tokens                                always
+    lengths      [B, K]        mask.sum(-1)                                                   always
+    logz         [B, K, T]     log-partition (logsumexp of the logits), for z-loss            "logz"
+    embeddings   [B, K, D]     mean of the final hidden states over completion tokens         "embeddings"
+    prompt_embeddings [B, K, D]  mean over prompt tokens (mask==0, segment!=0)                "embeddings"
+    last_logits  [B, K, V]     logits at the last completion token (log_softmax-able)         "last_logits"
+    logits       [B, K, T, V]  all logits (memory heavy: ASFT's full-vocabulary KL)           "logits"
+
+`reference` is None when the loss does not declare "reference" in `needs`. `batch` is the model batch
+(tokens etc. with a [B, K, T] layout) plus task fields (e.g. `scores` [B, K] for lists, `label` [B] for
+unpaired data, `list_mask` [B, K]). `cfg` is the `config.loss` ConfigDict. Metrics use TRL's names.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+
+Outputs = Mapping[str, jax.Array]
+LossFn = Callable[[Outputs, Outputs | None, Mapping[str, Any], Any], tuple[jax.Array, dict]]
+
+NEEDS = ("reference", "logz", "embeddings", "last_logits", "logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossEntry:
+  name: str
+  fn: LossFn
+  needs: frozenset
+  kind: str          # "sft" | "pairwise" | "unpaired" | "listwise"
+
+
+_REGISTRY: dict[str, LossEntry] = {}
+
+
+def register(name: str, *, needs=(), kind: str = "pairwise"):
+  """Decorator: `@register("dpo", needs=("reference",))`."""
+  unknown = set(needs) - set(NEEDS)
+  if unknown:
+    raise ValueError(f"loss {name!r} needs unknown outputs {sorted(unknown)}; valid: {NEEDS}")
+
+  def deco(fn):
+    if name in _REGISTRY:
+      raise ValueError(f"loss {name!r} registered twice")
+    _REGISTRY[name] = LossEntry(name, fn, frozenset(needs), kind)
+    return fn
+  return deco
+
+
+def get(name: str) -> LossEntry:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(_REGISTRY))}")
+  return _REGISTRY[name]
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)

@@ -1,0 +1,291 @@
+"""A decoder-only LM as pure functions over a plain parameter dict.
+
+    model = Decoder(DecoderConfig.tiny())
+    params = model.init(jax.random.PRNGKey(0))
+    logits = model.apply(params, tokens, positions, segment_ids)        # [B, T, V]
+
+Parameter paths ('/'-joined; adapter targets, sharding rules and HT-SR reports name them):
+
+    embed/embedding                    [V, D]
+    layers/attn_norm/scale             [L, D]
+    layers/attn/{q,k,v}_proj/kernel    [L, D, H*hd] / [L, D, KV*hd]    (+ bias [L, ...] with qkv_bias)
+    layers/attn/o_proj/kernel          [L, H*hd, D]
+    layers/mlp_norm/scale              [L, D]
+    layers/mlp/{gate,up}_proj/kernel   [L, D, F]
+    layers/mlp/down_proj/kernel        [L, F, D]
+    final_norm/scale                   [D]
+    lm_head/kernel                     [D, V]                           (absent with tie_embeddings)
+
+Kernels are `[in, out]` (the transpose of torch's `nn.Linear.weight`). Layers are stacked on a leading
+axis and run under `lax.scan` with a configurable remat policy, so compile time does not grow with depth.
+The model is written as plain functions rather than `nn.Module`s because adapters are pytree nodes that
+stand in for kernels: every matmul goes through `peft.dot`, which a Flax module's parameter handling would
+hide.
+
+Masking is by slot index, not by RoPE position: packed rows restart positions per document, and the
+segment ids keep documents from attending to each other (segment 0 is padding). The KV cache uses the same
+rule, so a left-padded batch decodes with the pad slots masked out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import peft
+from models._config import DecoderConfig
+
+Params = Any
+
+
+class Cache(NamedTuple):
+  """KV cache of all layers. Slots [0, index) are filled."""
+  k: jax.Array            # [L, B, S, KV, hd]
+  v: jax.Array            # [L, B, S, KV, hd]
+  segment_ids: jax.Array  # [B, S] int32; 0 = empty or padding
+  index: jax.Array        # () int32, next free slot
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------
+def rms_norm(x, scale, eps: float, plus_one: bool):
+  """HF's RMSNorm: normalise in float32, scale, cast back (Gemma scales by 1 + w in float32)."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  if plus_one:
+    return (x * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+  return scale.astype(dtype) * x.astype(dtype)
+
+
+def rope_frequencies(cfg: DecoderConfig) -> np.ndarray:
+  """Inverse frequencies [hd/2], with HF's `linear` and `llama3` scalings."""
+  hd = cfg.dim_per_head
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  if cfg.rope_type == "linear":
+    inv = inv / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+    smooth = ((cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor)
+              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotate-half RoPE (HF layout: the two halves of each head are the pair)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq            # [B, T, hd/2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :].astype(x.dtype)
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def attention_mask(q_slots, q_seg, k_slots, k_seg, sliding_window: Optional[int]):
+  """[B, 1, Tq, Tk] boolean: causal by slot, same non-padding segment, optional sliding window."""
+  causal = k_slots[:, None, :] <= q_slots[:, :, None]
+  same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  mask = causal & same
+  if sliding_window is not None:
+    mask &= q_slots[:, :, None] - k_slots[:, None, :] < sliding_window
+  # A padding query would see no key at all; let it see itself so its softmax stays finite.
+  mask |= (q_slots[:, :, None] == k_slots[:, None, :]) & (q_seg[:, :, None] == 0)
+  return mask[:, None]
+
+
+def _linear(x, p):
+  y = peft.dot(x, p["kernel"])
+  if "bias" in p:
+    y = y + p["bias"].astype(y.dtype)
+  return y
+
+
+_ACT = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  config: DecoderConfig
+
+  # ---- parameters -----------------------------------------------------------------------------------
+  def init(self, rng: jax.Array) -> Params:
+    c = self.config
+    pd = jnp.dtype(c.param_dtype)
+    D, L, F, hd = c.hidden_size, c.num_layers, c.intermediate_size, c.dim_per_head
+    keys = iter(jax.random.split(rng, 16))
+
+    def normal(shape):
+      return (c.init_std * jax.random.normal(next(keys), shape, jnp.float32)).astype(pd)
+
+    def dense(din, dout, bias):
+      p = {"kernel": normal((L, din, dout))}
+      if bias:
+        p["bias"] = jnp.zeros((L, dout), pd)
+      return p
+
+    norm = (jnp.zeros if c.norm_plus_one else jnp.ones)
+    params = {
+        "embed": {"embedding": normal((c.vocab_size, D))},
+        "layers": {
+            "attn_norm": {"scale": norm((L, D), pd)},
+            "attn": {
+                "q_proj": dense(D, c.num_heads * hd, c.qkv_bias),
+                "k_proj": dense(D, c.num_kv_heads * hd, c.qkv_bias),
+                "v_proj": dense(D, c.num_kv_heads * hd, c.qkv_bias),
+                "o_proj": dense(c.num_heads * hd, D, c.o_bias),
+            },
+            "mlp_norm": {"scale": norm((L, D), pd)},
+            "mlp": {
+                "gate_proj": dense(D, F, c.mlp_bias),
+                "up_proj": dense(D, F, c.mlp_bias),
+                "down_proj": dense(F, D, c.mlp_bias),
+            },
+        },
+        "final_norm": {"scale": norm((D,), pd)},
+    }
+    if not c.tie_embeddings:
+      params["lm_head"] = {"kernel": normal((D, c.vocab_size))}
+    return params
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> Cache:
+    c = self.config
+    dtype = jnp.dtype(dtype or c.dtype)
+    shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.dim_per_head)
+    return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                 jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+  # ---- forward --------------------------------------------------------------------------------------
+  def embed(self, params, tokens):
+    c = self.config
+    x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(c.dtype)
+    if c.embed_scale:
+      x = x * jnp.asarray(c.hidden_size ** 0.5, c.dtype)
+    return x
+
+  def _layer(self, x, p, positions, mask, kv_in, cache_index):
+    """One decoder layer. kv_in: (k_cache, v_cache) [B, S, KV, hd] or None."""
+    c = self.config
+    B, T, _ = x.shape
+    hd = c.dim_per_head
+    h = rms_norm(x, p["attn_norm"]["scale"], c.norm_eps, c.norm_plus_one)
+    a = p["attn"]
+    q = _linear(h, a["q_proj"]).reshape(B, T, c.num_heads, hd)
+    k = _linear(h, a["k_proj"]).reshape(B, T, c.num_kv_heads, hd)
+    v = _linear(h, a["v_proj"]).reshape(B, T, c.num_kv_heads, hd)
+    inv_freq = jnp.asarray(rope_frequencies(c))
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    kv_out = None
+    if kv_in is not None:
+      kc = jax.lax.dynamic_update_slice_in_dim(kv_in[0], k.astype(kv_in[0].dtype), cache_index, axis=1)
+      vc = jax.lax.dynamic_update_slice_in_dim(kv_in[1], v.astype(kv_in[1].dtype), cache_index, axis=1)
+      kv_out = (kc, vc)
+      k, v = kc.astype(q.dtype), vc.astype(q.dtype)
+    if mask is None:   # plain causal rows: lets cuDNN use its flash kernel
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention_impl,
+                                       local_window_size=(c.sliding_window - 1, 0) if c.sliding_window else None)
+    else:
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
+    x = x + _linear(o.reshape(B, T, c.num_heads * hd), a["o_proj"])
+    h = rms_norm(x, p["mlp_norm"]["scale"], c.norm_eps, c.norm_plus_one)
+    m = p["mlp"]
+    h = _ACT[c.activation](_linear(h, m["gate_proj"])) * _linear(h, m["up_proj"])
+    x = x + _linear(h, m["down_proj"])
+    return x, kv_out
+
+  def apply(self, params: Params, tokens: jax.Array, positions: Optional[jax.Array] = None,
+            segment_ids: Optional[jax.Array] = None, *, cache: Optional[Cache] = None,
+            return_hidden: bool = False):
+    """Logits [B, T, V] in the compute dtype (float32 by default).
+
+    Args:
+      tokens: [B, T] int.
+      positions: [B, T] RoPE positions; default 0..T-1 (continuing from the cache's index).
+      segment_ids: [B, T] document ids for packed rows, 0 for padding; default all ones.
+      cache: a `Cache` to decode with; then the new cache is returned too.
+      return_hidden: also return the final normed hidden states [B, T, D].
+    Returns:
+      logits, or (logits, hidden) / (logits, cache) / (logits, hidden, cache).
+    """
+    c = self.config
+    B, T = tokens.shape
+    start = cache.index if cache is not None else 0
+    slots = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if positions is None:
+      positions = slots
+    plain_causal = segment_ids is None and cache is None
+    if segment_ids is None:
+      segment_ids = jnp.ones((B, T), jnp.int32)
+    if cache is not None:
+      k_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32), start, 1)
+      k_slots = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32), k_seg.shape)
+      mask = attention_mask(slots, segment_ids, k_slots, k_seg, c.sliding_window)
+    elif plain_causal:
+      mask = None
+    else:
+      mask = attention_mask(slots, segment_ids, slots, segment_ids, c.sliding_window)
+
+    x = self.embed(params, tokens)
+
+    def body(x, layer):
+      p, kv = layer
+      return self._layer(x, p, positions, mask, kv, start)
+
+    if c.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
+    kv_in = (cache.k, cache.v) if cache is not None else None
+    if c.scan_layers:
+      x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
+    else:
+      outs = []
+      for i in range(c.num_layers):
+        layer = jax.tree.map(lambda a: a[i], (params["layers"], kv_in))
+        x, kv = body(x, layer)
+        outs.append(kv)
+      kv_out = None if kv_in is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    hidden = rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_plus_one)
+    logits = self.logits(params, hidden)
+    out = (logits,)
+    if return_hidden:
+      out += (hidden,)
+    if cache is not None:
+      out += (Cache(kv_out[0], kv_out[1], k_seg, start + T),)
+    return out[0] if len(out) == 1 else out
+
+  def logits(self, params, hidden):
+    if self.config.tie_embeddings:
+      return jnp.einsum("...d,vd->...v", hidden, params["embed"]["embedding"].astype(hidden.dtype))
+    return peft.dot(hidden, params["lm_head"]["kernel"])
+
+  # ---- bookkeeping ----------------------------------------------------------------------------------
+  def num_params(self, params) -> int:
+    return peft.count(params)
+
+  def flops_per_token(self, seq_len: int, trainable_weights: bool = True) -> float:
+    """Model FLOPs per token of one training step, counted as the PyTorch peer benchmark counts them."""
+    c = self.config
+    hd, D = c.dim_per_head, c.hidden_size
+    per_layer = D * (c.num_heads + 2 * c.num_kv_heads) * hd + c.num_heads * hd * D + 3 * D * c.intermediate_size
+    n = c.num_layers * per_layer + D * c.vocab_size           # lm_head counted, embedding gather not
+    flops = (6 if trainable_weights else 4) * n
+    return flops + 3 * 2 * seq_len * D * c.num_layers
