@@ -1,0 +1,87 @@
+"""Speed and memory of one training step on Llama shapes, printed with the PyTorch peer's JSON fields.
+
+    python benchmarks/bench_train.py full_sft          # env: SIZE=tiny|1b|7b B=8 T=1024 STEPS=10 REMAT=none
+
+Same shapes, fields and FLOP count as `peers_torch.py` (random bf16 weights, bf16 AdamW states, T=1024), so
+the two JSON lines stand side by side as ratios (`benchmarks/compare.py`). Modes other than full_sft are
+added by the adapter / preference / optimizer benchmarks as they land.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+import losses
+import models
+import peft
+from train_lib import train as train_lib
+
+SIZES = {"tiny": "bench_tiny", "1b": "llama_1b", "7b": "llama2_7b"}
+
+
+def peak_mem_gib() -> float:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # CPU: process peak RSS
+
+
+def build(mode: str, size: str, remat: str):
+  cfg = models.preset(SIZES[size], dtype="bfloat16", param_dtype="bfloat16", remat=remat,
+                      attention_impl="cudnn" if jax.default_backend() == "gpu" else None)
+  model = models.Decoder(cfg)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0))
+  if mode == "full_sft":
+    tx = optax.adamw(1e-5, weight_decay=0.0)
+    trainable_weights = True
+  else:
+    raise SystemExit(f"unknown mode {mode}")
+  return model, params, tx, trainable_weights
+
+
+def main():
+  mode = sys.argv[1] if len(sys.argv) > 1 else "full_sft"
+  size = os.environ.get("SIZE", "tiny")
+  B, T = int(os.environ.get("B", "8")), int(os.environ.get("T", "1024"))
+  steps = int(os.environ.get("STEPS", "10"))
+  model, params, tx, trainable_weights = build(mode, size, os.environ.get("REMAT", "none"))
+  trainable, frozen = peft.split(params)
+  state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(1))
+  step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, schedule=lambda s: 1e-5,
+                                   loss_entry=losses.get("nll"), loss_cfg=ml_collections.ConfigDict({})),
+                 donate_argnums=(0,))
+  key = jax.random.PRNGKey(2)
+  tokens = jax.random.randint(key, (B, 1, T + 1), 0, model.config.vocab_size)
+  batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+           "loss_mask": jnp.ones((B, 1, T), jnp.float32),
+           "positions": jnp.broadcast_to(jnp.arange(T), (B, 1, T))}
+  times = []
+  for i in range(steps + 3):
+    t0 = time.perf_counter()
+    state, metrics = step(state, frozen, None, batch)
+    jax.block_until_ready(metrics["loss"])
+    if i >= 3:
+      times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  n_params = peft.count(params)
+  flops = model.flops_per_token(T, trainable_weights) * B * T / med
+  print(json.dumps(dict(
+      peer="jax-project", mode=mode, size=size, params_M=round(n_params / 1e6, 1), B=B, T=T,
+      step_ms=round(med * 1e3, 1), tokens_per_s=round(B * T / med), model_tflops=round(flops / 1e12, 1),
+      peak_mem_GiB=round(peak_mem_gib(), 2), jax=jax.__version__, backend=jax.default_backend())), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""Data: sources, SFT examples, packing, resumable batches, and built-in tasks with exact answers.
+
+    cfg = data.default_config()                     # every option, commented; config.data overrides it
+    tok = data.get_tokenizer(cfg)                   # CharTokenizer for builtin tasks, else load_tokenizer
+    ds = data.get_dataset(cfg, "train", tokenizer=tok, batch_size=32, seq_len=128, seed=0)
+    it = iter(ds)                                   # endless, shuffled per epoch (one pass for eval)
+    batch = next(it)                                # inputs, targets, loss_mask, positions, segment_ids
+    state = it.get_state(); it.set_state(state)     # small JSON dict for the checkpoint
+    print(ds.report.summary())                      # records skipped per reason (skip_invalid=True)
+    pairs, check = data.eval_examples(cfg, "test", n=200)   # [(prompt, answer)], check(prompt, response)
+
+Batches are dicts of numpy arrays `[B, T]`: `inputs`, `targets` (next token of the same document),
+`loss_mask` (1 on response tokens and eos), `positions` (restart per document), `segment_ids` (1, 2...
+per document, 0 = padding). Each example is `bos + prompt + response + eos`; at generation time encode
+the prompt with `add_bos=True` and decode until eos.
+
+Sources (`config.source`): builtin (sort, reverse, add), jsonl, parquet, tfds (array_record through
+`tfds.data_source`), array_record (JSON records), hf (when `datasets` is installed). `prepare_synthetic`
+materialises a built-in task as a TFDS dataset.
+
+Modules: `_synthetic` tasks and CharTokenizer, `_sources` record sources, `_sft` record -> tokens and
+validation, `_packing` rows, `_pipeline` iterator, `_dataset` entry points, `_tfds` TFDS builder;
+`_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
+"""
+from data._dataset import SOURCES, default_config, eval_examples, get_dataset, get_tokenizer, make_source
+from data._packing import FIELDS, MODES, pack
+from data._pipeline import BatchIterator, SFTDataset
+from data._sft import REASONS, Example, SkipReport, build_examples, encode_sft, record_text
+from data._sources import (ArrayRecordSource, DataError, HFSource, JsonlSource, ListSource, ParquetSource,
+                           TfdsSource, write_array_record, write_jsonl)
+from data._synthetic import TASKS, CharTokenizer, Task, generate, get_task, is_held_out
+
+# Imported on first use: TFDS costs a second at import, and the tokenizer modules pull in their own
+# libraries.
+_LAZY = {
+    "prepare_synthetic": "data._tfds",
+    "SyntheticTasks": "data._tfds",
+    "SyntheticTasksConfig": "data._tfds",
+    "load_tokenizer": "data._tokenizers",
+    "Tokenizer": "data._tokenizers",
+    "HFTokenizer": "data._tokenizers",
+    "SentencePieceTokenizer": "data._tokenizers",
+    "apply_chat_template": "data._chat",
+    "load_chat_template": "data._chat",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'data' has no attribute {name!r}")

@@ -1,0 +1,198 @@
+"""The entry points: `default_config`, `get_tokenizer`, `get_dataset`, `eval_examples`.
+
+    cfg = data.default_config()                 # config.data in an experiment config
+    cfg.task = "sort"                           # or cfg.source = "jsonl"; cfg.path = "sft_{split}.jsonl"
+    tok = data.get_tokenizer(cfg)
+    ds = data.get_dataset(cfg, "train", tokenizer=tok, batch_size=32, seq_len=128, seed=0)
+    it = iter(ds); batch = next(it); state = it.get_state()
+    pairs, check = data.eval_examples(cfg, "test", n=200)   # exact-match eval by generation
+
+A wrong key in the config fails at once with the valid keys listed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from data import _packing
+from data import _sft
+from data import _sources
+from data import _synthetic
+from data._pipeline import SFTDataset
+
+SOURCES = ("builtin", "jsonl", "parquet", "tfds", "array_record", "hf")
+BUILTIN_TRAIN_SIZE = 50_000
+BUILTIN_EVAL_SIZE = 1_000
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every data option, with its default; `config.data` of an experiment is a copy with overrides."""
+  c = ml_collections.ConfigDict()
+  c.source = "builtin"       # one of SOURCES
+  # Built-in synthetic tasks (`data._synthetic`).
+  c.task = "sort"            # sort | reverse | add
+  c.min_digits = None        # digits per number; None: the task's default (sort/reverse 3-6, add 1-4)
+  c.max_digits = None
+  c.eval_fraction = 0.1      # share of all problems that belong to the held-out split
+  # How much data.
+  c.train_size = None        # training records (problems); builtin: None = 50_000; files: None = all
+  c.eval_size = None         # records of other splits; builtin: None = 1_000; files: None = all
+  c.data_seed = 0            # which problems / which subset; the order is `seed` of get_dataset
+  # Where the records are.
+  c.path = None              # jsonl | parquet | array_record file (or glob); "{split}" -> split name
+  c.name = None              # tfds builder ("synthetic_tasks/sort") or HF dataset name / path
+  c.data_dir = None          # tfds / HF data_dir
+  c.hf_config = None         # HF dataset configuration name
+  # Record fields.
+  c.prompt_field = "prompt"
+  c.response_field = "response"
+  c.messages_field = None    # e.g. "messages": chat records rendered with the chat template
+  c.chat_template = None     # jinja template; None: the tokenizer's
+  c.tokenizer = None         # tokenizer directory; "char" = CharTokenizer (the default for builtin)
+  # Examples.
+  c.max_prompt_len = None    # tokens kept from the end of the prompt
+  c.max_response_len = None  # tokens kept from the start of the response
+  c.truncate = True          # cut responses to fit seq_len; False: such records are invalid
+  c.skip_invalid = False     # False: the first invalid record raises; True: skip and count per reason
+  c.packing = "first_fit"    # first_fit | greedy | none (one example per row); True/False also work
+  return c
+
+
+def _resolve(config) -> ml_collections.ConfigDict:
+  cfg = default_config()
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config or {})
+  unknown = sorted(set(given) - set(cfg))
+  if unknown:
+    raise ValueError(f"unknown data config keys {unknown}; valid: {', '.join(sorted(cfg))}")
+  if "packing" in given:
+    packing = given["packing"]
+    given["packing"] = {True: "first_fit", False: "none"}.get(packing, packing)
+    if given["packing"] not in _packing.MODES:
+      raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(_packing.MODES)}, True, False")
+  for k, v in given.items():
+    cfg[k] = v
+  if cfg.source not in SOURCES:
+    raise ValueError(f"unknown data source {cfg.source!r}; valid: {', '.join(SOURCES)}")
+  if cfg.source == "builtin":
+    _synthetic.get_task(cfg.task)  # raises with the valid names
+  elif cfg.source in ("jsonl", "parquet", "array_record") and not cfg.path:
+    raise ValueError(f"source={cfg.source!r} needs config.path")
+  elif cfg.source in ("tfds", "hf") and not cfg.name:
+    raise ValueError(f"source={cfg.source!r} needs config.name")
+  return cfg
+
+
+def _is_train(split: str) -> bool:
+  return split.startswith("train")
+
+
+def get_tokenizer(config):
+  """CharTokenizer for the built-in tasks (or `tokenizer="char"`), else `load_tokenizer(config.tokenizer)`."""
+  cfg = _resolve(config)
+  if cfg.tokenizer == "char" or (cfg.tokenizer is None and cfg.source == "builtin"):
+    return _synthetic.CharTokenizer()
+  if cfg.tokenizer is None:
+    raise ValueError(f"source={cfg.source!r} needs config.tokenizer (a tokenizer directory, or 'char')")
+  from data._tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
+  return load_tokenizer(cfg.tokenizer)
+
+
+def _file_path(cfg, split: str) -> str:
+  if "{split}" in cfg.path:
+    return cfg.path.format(split=split)
+  if not _is_train(split):
+    raise ValueError(f"config.path {cfg.path!r} has no '{{split}}' placeholder, so it cannot name the "
+                     f"{split!r} split; write e.g. 'data/{{split}}.jsonl'")
+  return cfg.path
+
+
+def make_source(config, split: str):
+  """The random-access record source of a split, before any subsetting."""
+  cfg = _resolve(config)
+  if cfg.source == "builtin":
+    canonical = _synthetic.canonical_split(split)
+    size = cfg.train_size if canonical == "train" else cfg.eval_size
+    size = size or (BUILTIN_TRAIN_SIZE if canonical == "train" else BUILTIN_EVAL_SIZE)
+    records = _synthetic.generate(cfg.task, canonical, size, seed=cfg.data_seed,
+                                  min_digits=cfg.min_digits, max_digits=cfg.max_digits,
+                                  eval_fraction=cfg.eval_fraction)
+    return _sources.ListSource(records, f"builtin:{cfg.task}/{canonical}")
+  if cfg.source == "jsonl":
+    return _sources.JsonlSource(_file_path(cfg, split))
+  if cfg.source == "parquet":
+    return _sources.ParquetSource(_file_path(cfg, split))
+  if cfg.source == "array_record":
+    return _sources.ArrayRecordSource(_file_path(cfg, split))
+  if cfg.source == "tfds":
+    return _sources.TfdsSource(cfg.name, split, cfg.data_dir)
+  return _sources.HFSource(cfg.name, split, config_name=cfg.hf_config, data_dir=cfg.data_dir)
+
+
+def _indices(cfg, source, split: str) -> np.ndarray:
+  """All records, or a `data_seed`-chosen subset of `train_size` / `eval_size` (kept in file order)."""
+  n = len(source)
+  size = cfg.train_size if _is_train(split) else cfg.eval_size
+  if cfg.source == "builtin" or size is None or size >= n:
+    return np.arange(n)
+  return np.sort(np.random.default_rng(cfg.data_seed).permutation(n)[:size])
+
+
+def _text_fn(cfg, tokenizer) -> Callable[[Any], tuple[str, str]]:
+  template = cfg.chat_template or getattr(tokenizer, "chat_template", None)
+  # Template variables: `load_tokenizer`'s tokenizers keep {"bos": "<s>", "eos": "</s>", ...}.
+  specials = getattr(tokenizer, "special_tokens", None) or {}
+  specials = {f"{k}_token": v for k, v in specials.items() if v is not None}
+  return lambda record: _sft.record_text(
+      record, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+      messages_field=cfg.messages_field, chat_template=template, special_tokens=specials)
+
+
+def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
+                train: bool | None = None, process_index: int = 0,
+                process_count: int = 1) -> SFTDataset:
+  """Packed SFT batches of a split: endless and shuffled when `train` (default: split "train..."),
+  else one pass in order. Every record is read, checked and tokenized here, once."""
+  cfg = _resolve(config)
+  train = _is_train(split) if train is None else train
+  source = make_source(cfg, split)
+  text = _text_fn(cfg, tokenizer)
+
+  def encode(record):
+    prompt, response = text(record)
+    return _sft.encode_sft(prompt, response, tokenizer, seq_len=seq_len,
+                           max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
+                           truncate=cfg.truncate)
+
+  examples, report = _sft.build_examples(source, _indices(cfg, source, split), encode,
+                                         skip_invalid=cfg.skip_invalid)
+  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  return SFTDataset(examples, batch_size=batch_size, seq_len=seq_len, seed=seed, train=train,
+                    packing=cfg.packing, pad_id=pad_id, process_index=process_index,
+                    process_count=process_count, report=report)
+
+
+def eval_examples(config, split: str, n: int | None = None
+                  ) -> tuple[list[tuple[str, str]], Callable[[str, str], bool]]:
+  """The first `n` (prompt, answer) pairs of a split and a verifier `check(prompt, response) -> bool`.
+
+  Built-in tasks verify by recomputing the answer from the prompt; other sources by exact match with
+  the record's response (any of them, if a prompt repeats). Invalid records raise, or are skipped with
+  `skip_invalid`, as in `get_dataset`.
+  """
+  cfg = _resolve(config)
+  if cfg.source == "builtin" and n is not None:
+    with cfg.unlocked():
+      cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set
+  source = make_source(cfg, split)
+  tokenizer = get_tokenizer(cfg) if cfg.messages_field else None
+  text = _text_fn(cfg, tokenizer)
+  pairs, _ = _sft.build_examples(source, _indices(cfg, source, split)[:n], text,
+                                 skip_invalid=cfg.skip_invalid)
+  if cfg.source == "builtin":
+    return pairs, _synthetic.get_task(cfg.task).check
+  answers: dict[str, set] = {}
+  for prompt, answer in pairs:
+    answers.setdefault(prompt, set()).add(answer)
+  return pairs, lambda prompt, response: response in answers.get(prompt, ())

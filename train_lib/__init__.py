@@ -1,0 +1,17 @@
+"""Train state, jitted steps, mesh and sharding rules, orbax checkpoints, metrics, eval and generation.
+
+`TASKS` maps `config.task` to a function `(config, workdir)`; main.py only dispatches through it.
+"""
+from train_lib.generation import generate
+from train_lib.train import TrainState, model_outputs, train_and_evaluate, train_step
+
+TASKS = {
+    "train": train_and_evaluate,
+}
+
+
+def run_task(config, workdir: str):
+  name = config.get("task", "train")
+  if name not in TASKS:
+    raise ValueError(f"config.task={name!r}; valid: {', '.join(sorted(TASKS))}")
+  return TASKS[name](config, workdir)

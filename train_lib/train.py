@@ -1,0 +1,286 @@
+"""The trainer: one jitted, sharded train step over a plain state; reads top to bottom.
+
+    python main.py --config=configs/sft.py --workdir=/tmp/sft
+
+Sections: pure functions (model outputs, loss) -> the train and eval steps -> setup helpers ->
+`train_and_evaluate`, which resumes from the workdir. Projects that need another loop fork this file.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+import data as data_lib
+import losses
+import models
+import peft
+from train_lib import checkpoint as ckpt_lib
+from train_lib import evaluate as eval_lib
+from train_lib import metrics as metrics_lib
+from train_lib import optim
+from train_lib import sharding as shd
+from train_lib import validate as validate_lib
+
+class TrainState(NamedTuple):
+  step: jax.Array        # () int32
+  params: Any            # trainable part of the parameters (None where frozen)
+  opt_state: Any
+  rng: jax.Array         # (2,) uint32
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+# =====================================================================================================
+# Pure functions
+# =====================================================================================================
+def _masked_mean(x, mask, axis):
+  return (x * mask[..., None]).sum(axis) / jnp.maximum(mask.sum(axis), 1.0)[..., None]
+
+
+def model_outputs(model: models.Decoder, params, batch, needs=frozenset()) -> dict:
+  """The `losses.Outputs` dict for a [B, K, T] batch: one forward pass over all B*K sequences."""
+  lead, T = batch["inputs"].shape[:-1], batch["inputs"].shape[-1]
+  flat = lambda k: batch[k].reshape(-1, T) if batch.get(k) is not None else None
+  # Without segment ids (unpacked, unpadded rows) the model takes the plain causal path (cuDNN flash).
+  logits, hidden = model.apply(params, flat("inputs"), flat("positions"), flat("segment_ids"),
+                               return_hidden=True)
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, flat("targets")[..., None], axis=-1)[..., 0]
+  token_logps = target_logits - logz
+  mask = flat("loss_mask").astype(jnp.float32)
+  out = {"token_logps": token_logps, "mask": mask, "logps": (token_logps * mask).sum(-1),
+         "lengths": mask.sum(-1)}
+  if "logz" in needs:
+    out["logz"] = logz
+  if "embeddings" in needs:
+    h = hidden.astype(jnp.float32)
+    seg = flat("segment_ids")
+    prompt_mask = (1.0 - mask) * (seg != 0 if seg is not None else 1.0)
+    out["embeddings"] = _masked_mean(h, mask, 1)
+    out["prompt_embeddings"] = _masked_mean(h, prompt_mask, 1)
+  if "last_logits" in needs:
+    last = T - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+    out["last_logits"] = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  if "logits" in needs:
+    out["logits"] = logits
+  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+
+
+def loss_and_metrics(trainable, frozen, ref_params, batch, rng, *, model, loss_entry, loss_cfg):
+  del rng  # no dropout in the base model yet; adapters that need randomness take it from here
+  params = peft.combine(trainable, frozen)
+  policy = model_outputs(model, params, batch, loss_entry.needs)
+  reference = None
+  if "reference" in loss_entry.needs:
+    if "ref_logps" in batch:     # precomputed once into the data
+      reference = {"logps": batch["ref_logps"]}
+    else:
+      ref = ref_params if ref_params is not None else peft.strip(params)
+      reference = jax.lax.stop_gradient(model_outputs(model, ref, batch, loss_entry.needs))
+  loss, metrics = loss_entry.fn(policy, reference, batch, loss_cfg)
+  return loss, {"loss": loss, **metrics}
+
+
+# =====================================================================================================
+# Steps
+# =====================================================================================================
+def train_step(state: TrainState, frozen, ref_params, batch, *, model, tx, schedule, loss_entry, loss_cfg,
+               grad_accum_steps: int = 1):
+  """One optimizer step; with grad_accum_steps > 1 the batch is split into micro-batches along B."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  grad_fn = jax.value_and_grad(
+      functools.partial(loss_and_metrics, model=model, loss_entry=loss_entry, loss_cfg=loss_cfg), has_aux=True)
+
+  if grad_accum_steps == 1:
+    (_, metrics), grads = grad_fn(state.params, frozen, ref_params, batch, rng)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+    def acc(carry, mb_i):
+      g_sum, m_sum = carry
+      mb, i = mb_i
+      (_, m), g = grad_fn(state.params, frozen, ref_params, mb, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+    m_shape = jax.eval_shape(lambda: grad_fn(state.params, frozen, ref_params,
+                                             jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+    (grads, metrics), _ = jax.lax.scan(acc, (zeros_g, zeros_m), (micro, jnp.arange(grad_accum_steps)))
+    grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    metrics = jax.tree.map(lambda m: m / grad_accum_steps, metrics)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics.update({"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
+                  "param_norm": optax.global_norm(params), "lr": schedule(state.step)})
+  return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+
+def eval_step(trainable, frozen, ref_params, batch, *, model, loss_entry, loss_cfg):
+  _, metrics = loss_and_metrics(trainable, frozen, ref_params, batch, None, model=model,
+                                loss_entry=loss_entry, loss_cfg=loss_cfg)
+  return metrics
+
+
+# =====================================================================================================
+# Setup
+# =====================================================================================================
+def build_model(config, tokenizer) -> tuple[models.Decoder, Any]:
+  """The model and its initial (pre-trained or random) parameters."""
+  mc = config.model
+  overrides = dict(dtype=mc.get("dtype", "float32"), param_dtype=mc.get("param_dtype", "float32"),
+                   remat=mc.get("remat", "none"), scan_layers=mc.get("scan_layers", True),
+                   attention_impl=mc.get("attention_impl", None))
+  if mc.get("hf_path"):
+    cfg, params = models.load_hf(mc.hf_path)
+    cfg = cfg.replace(**overrides)
+    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
+    return models.Decoder(cfg), params
+  extra = dict(mc.get("overrides", {}) or {})
+  cfg = models.preset(mc.name, vocab_size=tokenizer.vocab_size, **overrides, **extra)
+  model = models.Decoder(cfg)
+  return model, model.init(jax.random.PRNGKey(config.seed))
+
+
+# =====================================================================================================
+# train_and_evaluate
+# =====================================================================================================
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary dict."""
+  validate_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = shd.make_mesh(config.get("mesh"))
+  tokenizer = data_lib.get_tokenizer(config.data)
+  model, params = build_model(config, tokenizer)
+  params = peft.apply_config(params, config.get("peft")) if hasattr(peft, "apply_config") else params
+  trainable, frozen = peft.split(params)
+  total_steps = int(config.total_steps)
+  tx, schedule = optim.make(config.optim, trainable, total_steps)
+  loss_entry = losses.get(config.loss.name)
+  ref_params = None
+  if "reference" in loss_entry.needs and not peft.has_adapters(params):
+    ref_params = jax.tree.map(jnp.copy, params)   # full fine-tuning: a frozen copy is the reference
+  logging.info("model %s: %d params, %d trainable", model.config, peft.count(params), peft.count(trainable))
+
+  # ---- state and shardings ----------------------------------------------------------------------------
+  def init_state(trainable):
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable),
+                      jax.random.PRNGKey(config.seed + 1))
+
+  abstract_state = jax.eval_shape(init_state, trainable)
+  state_sh = shd.tree_shardings(abstract_state._asdict(), mesh)
+  state_sh = TrainState(**state_sh)
+  frozen_sh = shd.tree_shardings({"params": frozen}, mesh)["params"]
+  frozen = jax.device_put(frozen, frozen_sh)
+  if ref_params is not None:
+    ref_params = jax.device_put(ref_params, shd.tree_shardings({"params": ref_params}, mesh)["params"])
+  state = jax.jit(init_state, out_shardings=state_sh)(jax.device_put(trainable, state_sh.params))
+  repl = shd.replicated(mesh)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_entry=loss_entry,
+                        loss_cfg=config.loss, grad_accum_steps=int(config.optim.get("grad_accum_steps", 1))),
+      donate_argnums=(0,), out_shardings=(state_sh, repl))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, loss_entry=loss_entry, loss_cfg=config.loss),
+                    out_shardings=repl)
+
+  # ---- data and checkpoint ----------------------------------------------------------------------------
+  seq_len = int(config.seq_len)
+  train_iter = iter(data_lib.get_dataset(config.data, "train", tokenizer=tokenizer, batch_size=config.batch_size,
+                                    seq_len=seq_len, seed=config.seed))
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 2),
+                               async_save=config.get("async_checkpoints", True))
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, ckpt_lib.abstract(state, state_sh))
+    train_iter.set_state(data_state)
+    logging.info("resumed from step %d", start)
+  start = int(state.step)
+  resumed_from = start if ckpt.latest_step() is not None else None
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  summary_path = os.path.join(workdir, "summary.json")
+  summary = json.load(open(summary_path)) if os.path.exists(summary_path) and start else {}
+
+  def run_eval(step, tag):
+    params_now = peft.combine(state.params, frozen)
+    res = eval_lib.evaluate(config, model, params_now, tokenizer,
+                            functools.partial(eval_fn, state.params, frozen, ref_params), mesh)
+    writer.write(step, {f"eval/{k}": v for k, v in res.items()})
+    summary[tag] = res
+    logging.info("eval@%d %s: %s", step, tag, res)
+    return res
+
+  if start == 0 and config.get("eval_before", True):
+    res = run_eval(0, "before")
+    print(f"[before training] " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
+
+  # ---- loop -------------------------------------------------------------------------------------------
+  progress = metrics_lib.Progress(total_steps, start)
+  pending = []                          # (step, data position, device metrics) not yet checked on host
+  tokens_per_step = config.batch_size * seq_len
+  t_last, steps_since = time.perf_counter(), 0
+  log_every = int(config.get("log_every_steps", 10))
+
+  def flush_pending():
+    nonlocal t_last, steps_since
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, _, m in pending])
+    for (s, pos, _), m in zip(pending, fetched):
+      if not np.isfinite(m["loss"]):
+        raise NonFiniteLossError(f"loss is {m['loss']} at step {s} (batch at data position {pos}); "
+                                 f"the last checkpoint (step {ckpt.latest_step()}) is intact")
+    s, _, _ = pending[-1]
+    m = fetched[-1]
+    dt = time.perf_counter() - t_last
+    tps = tokens_per_step * steps_since / max(dt, 1e-9)
+    writer.write(s + 1, {**m, "tokens_per_s": tps})
+    progress.update(s + 1, float(m["loss"]), tps)
+    t_last, steps_since = time.perf_counter(), 0
+    pending.clear()
+
+  for step in range(start, total_steps):
+    pos = train_iter.get_state()
+    batch = eval_lib.put_batch(eval_lib.to_model_batch(next(train_iter)), mesh)
+    state, metrics = step_fn(state, frozen, ref_params, batch)
+    pending.append((step, pos, metrics))
+    steps_since += 1
+    done = step + 1
+    if done % log_every == 0 or done == total_steps:
+      flush_pending()
+    if config.get("eval_every_steps") and done % config.eval_every_steps == 0 and done != total_steps:
+      run_eval(done, f"step_{done}")
+    if done % int(config.get("checkpoint_every_steps", 1000)) == 0 or done == total_steps:
+      flush_pending()
+      ckpt.save(done, state, train_iter.get_state(), force=done == total_steps)
+
+  flush_pending()
+  ckpt.close()
+  if total_steps > start or "after" not in summary:
+    res = run_eval(total_steps, "after")
+    print(f"[after training]  " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
+  writer.close()
+  plot = metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "loss_curve.png"))
+  summary.update(steps=total_steps, plot=plot)
+  if resumed_from is not None:
+    summary["resumed_from"] = resumed_from
+  if jax.process_index() == 0:
+    with open(summary_path, "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  summary["state"] = state
+  summary["frozen"] = frozen
+  return summary
