@@ -3,10 +3,13 @@
 `TASKS` maps `config.task` to a function `(config, workdir)`; main.py only dispatches through it.
 """
 from train_lib.generation import generate
+from train_lib import tasks as _tasks
 from train_lib.train import TrainState, model_outputs, train_and_evaluate, train_step
 
 TASKS = {
     "train": train_and_evaluate,
+    "eval": _tasks.evaluate,
+    "export": _tasks.export,
 }
 
 

@@ -162,6 +162,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary dict."""
   validate_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
   mesh = shd.make_mesh(config.get("mesh"))
   tokenizer = data_lib.get_tokenizer(config.data)
   model, params = build_model(config, tokenizer)

@@ -25,6 +25,8 @@ def _check(cond, msg):
 
 def validate(config, num_devices: int | None = None) -> None:
   _check(config.get("task", "train") in TASKS, f"config.task={config.get('task')!r}; valid: {TASKS}")
+  if config.get("task", "train") != "train":
+    return
   mc = config.model
   if not mc.get("hf_path"):
     _check(mc.name in models.PRESETS, f"config.model.name={mc.name!r}; valid: {', '.join(models.PRESETS)}")
@@ -32,8 +34,6 @@ def validate(config, num_devices: int | None = None) -> None:
     _check(mc.get(k, "float32") in DTYPES, f"config.model.{k}={mc.get(k)!r}; valid: {DTYPES}")
   _check(mc.get("remat", "none") in models._config.REMAT_POLICIES,
          f"config.model.remat={mc.get('remat')!r}; valid: {models._config.REMAT_POLICIES}")
-  if config.get("task", "train") != "train":
-    return
   _check(config.loss.name in losses.names(),
          f"config.loss.name={config.loss.name!r}; valid: {', '.join(losses.names())}")
   oc = config.optim

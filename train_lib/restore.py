@@ -1,0 +1,46 @@
+"""Rebuilds a trained model from a workdir: the config it ran with, the base parameters, and the trainable
+part from the latest checkpoint. Shared by the eval, export and diagnose tasks."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+import data as data_lib
+import peft
+from train_lib import checkpoint as ckpt_lib
+from train_lib import optim
+from train_lib import train as train_mod
+
+CONFIG_FILE = "config.json"
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_trained(workdir: str, step: int | None = None):
+  """(config, model, params, tokenizer) of the run in `workdir`, at its latest (or given) checkpoint."""
+  config = load_config(workdir)
+  tokenizer = data_lib.get_tokenizer(config.data)
+  model, params = train_mod.build_model(config, tokenizer)
+  if config.get("peft") and config.peft.get("method") and hasattr(peft, "apply_config"):
+    params = peft.apply_config(params, config.peft, rng=jax.random.PRNGKey(config.seed + 2))
+  trainable, frozen = peft.split(params)
+  tx, _ = optim.make(config.optim, trainable, int(config.total_steps))
+  abstract = jax.eval_shape(lambda t: train_mod.TrainState(
+      jax.numpy.zeros((), jax.numpy.int32), t, tx.init(t), jax.random.PRNGKey(0)), trainable)
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+  state, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  params = peft.combine(state.params, frozen)
+  return config, model, params, tokenizer
