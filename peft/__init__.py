@@ -7,3 +7,9 @@ Public surface:
 """
 from peft._core import (Adapter, combine, count, dot, flatten, has_adapters, is_adapter, map_with_path,
                         merge, path_str, split, strip)
+from peft._tempbalance import (AddLayerwiseDecayState, ScaleByLayerwiseLrState, TempBalanceConfig,
+                               add_layerwise_decayed_weights, refresh_multipliers, scale_by_layerwise_lr,
+                               tempbalance)
+from peft._fira import ScaleByFiraState, fira, scale_by_fira
+from peft._frugal import ScaleByFrugalState, frugal, scale_by_frugal
+from peft._galore import ScaleByGaLoreState, galore, scale_by_galore

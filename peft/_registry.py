@@ -55,3 +55,45 @@ def _sgd(learning_rate, cfg):
 @register_optimizer("adafactor")
 def _adafactor(learning_rate, cfg):
   return optax.adafactor(learning_rate, weight_decay_rate=cfg.get("weight_decay", None) or None)
+
+
+def _path_mask(pattern: str):
+  """A mask function: True on the leaves whose '/' path fully matches `pattern`."""
+  import re
+  from peft._core import map_with_path
+  rx = re.compile(pattern)
+  return lambda params: map_with_path(lambda p, x: rx.fullmatch(p) is not None, params)
+
+
+# Projected optimizers. `cfg.projected` selects the projected kernels (GaLore's attn/mlp linears by
+# default); every other leaf gets plain Adam inside the same transform.
+_PROJECTED = r"layers/(attn|mlp)/.*_proj/kernel"
+
+
+@register_optimizer("galore")
+def _galore(learning_rate, cfg):
+  from peft._galore import galore
+  return galore(learning_rate, rank=cfg.get("rank", 128), update_proj_gap=cfg.get("update_proj_gap", 200),
+                scale=cfg.get("scale", 1.0), proj_type=cfg.get("proj_type", "std"), b1=cfg.get("b1", 0.9),
+                b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8), svd=cfg.get("svd", "full"),
+                reset_on_refresh=cfg.get("reset_on_refresh", False), weight_decay=cfg.get("weight_decay", 0.0),
+                mask=_path_mask(cfg.get("projected", _PROJECTED)))
+
+
+@register_optimizer("fira")
+def _fira(learning_rate, cfg):
+  from peft._fira import fira
+  return fira(learning_rate, rank=cfg.get("rank", 128), update_proj_gap=cfg.get("update_proj_gap", 200),
+              scale=cfg.get("scale", 0.25), proj_type=cfg.get("proj_type", "std"), gamma=cfg.get("gamma", 1.01),
+              b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
+              weight_decay=cfg.get("weight_decay", 0.0), mask=_path_mask(cfg.get("projected", _PROJECTED)))
+
+
+@register_optimizer("frugal")
+def _frugal(learning_rate, cfg):
+  from peft._frugal import frugal
+  return frugal(learning_rate, density=cfg.get("density", 0.25), update_gap=cfg.get("update_gap", 200),
+                subspace=cfg.get("subspace", "svd"), inactive_update_rule=cfg.get("inactive_update_rule", "sign_sgd"),
+                inactive_lr_scale=cfg.get("inactive_lr_scale", 0.1), reset_statistics=cfg.get("reset_statistics", True),
+                b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8), seed=cfg.get("seed", 0),
+                weight_decay=cfg.get("weight_decay", 0.0), mask=_path_mask(cfg.get("projected", _PROJECTED)))
