@@ -80,6 +80,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.name = "nll"                     # a losses registry name
   c.loss.z_loss = 0.0
 
+  # HT-SR: alpha of every weight matrix every `esd_interval` steps (TensorBoard `alpha/block_<l>`), and
+  # TempBalance / Model Balancing layerwise learning rates from those alphas.
+  c.tempbalance = ml_collections.ConfigDict()
+  c.tempbalance.enabled = False
+  c.tempbalance.esd_interval = 0          # steps between ESD fits; 0 = never (TempBalance needs > 0)
+  c.tempbalance.esd_preset = "tempbalance"  # tempbalance | model_balancing | weightwatcher (xmin rule etc.)
+  c.tempbalance.assign = "tb_linear_map"  # tb_linear_map | tb_sqrt | tb_log2 | tb_step | sigmoid | ...
+  c.tempbalance.granularity = "layer"     # layer (per matrix) | block (mean alpha per decoder block)
+  c.tempbalance.lr_min_ratio = 0.5        # linear map: s1
+  c.tempbalance.lr_slope = 1.0            # linear map: s2 - s1
+  c.tempbalance.sigmoid_min = 2.0         # Model Balancing sigmoid: s_min
+  c.tempbalance.sigmoid_max = 1.0         # Model Balancing sigmoid: s_max
+  c.tempbalance.exp_temp = 10.0           # Model Balancing sigmoid: temperature
+  c.tempbalance.normalize = False         # rescale multipliers to mean 1
+  c.tempbalance.eigs_thresh = 50          # matrices with fewer eigenvalues keep the base LR
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.eval = ml_collections.ConfigDict()

@@ -7,9 +7,18 @@ Public surface:
 """
 from peft._core import (Adapter, combine, count, dot, flatten, has_adapters, is_adapter, map_with_path,
                         merge, path_str, split, strip)
-from peft._tempbalance import (AddLayerwiseDecayState, ScaleByLayerwiseLrState, TempBalanceConfig,
+from peft._tempbalance import (AddLayerwiseDecayState, ScaleByLayerwiseLrState, Schedule, TempBalanceConfig,
+                               adamw_layerwise_wd, schedule,
                                add_layerwise_decayed_weights, refresh_multipliers, scale_by_layerwise_lr,
                                tempbalance)
 from peft._fira import ScaleByFiraState, fira, scale_by_fira
 from peft._frugal import ScaleByFrugalState, frugal, scale_by_frugal
 from peft._galore import ScaleByGaLoreState, galore, scale_by_galore
+from peft._apply import (AdapterSpec, adapter_names, apply, apply_config, check_config, default_config,
+                         get_adapter, register_adapter, residual_to_lora, with_dropout_rng)
+from peft._init import init_names, register_init
+from peft._quant import QuantizedWeight, nbytes, quantize_array, quantize_params
+from peft._lora import LoRA
+from peft._dora import DoRA
+from peft._ia3 import IA3
+from peft._export import export_adapter, import_adapter

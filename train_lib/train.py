@@ -20,6 +20,7 @@ import optax
 from absl import logging
 
 import data as data_lib
+import diagnostics
 import losses
 import models
 import peft
@@ -138,6 +139,16 @@ def eval_step(trainable, frozen, ref_params, batch, *, model, loss_entry, loss_c
 # =====================================================================================================
 # Setup
 # =====================================================================================================
+def tempbalance_config(tb) -> peft.TempBalanceConfig:
+  esd = getattr(diagnostics.EsdConfig, tb.get("esd_preset", "tempbalance"))(
+      eigs_thresh=tb.get("eigs_thresh", 50))
+  return peft.TempBalanceConfig(
+      assign=tb.get("assign", "tb_linear_map"), granularity=tb.get("granularity", "layer"),
+      lr_min_ratio=tb.get("lr_min_ratio", 0.5), lr_slope=tb.get("lr_slope", 1.0),
+      sigmoid_min=tb.get("sigmoid_min", 2.0), sigmoid_max=tb.get("sigmoid_max", 1.0),
+      exp_temp=tb.get("exp_temp", 10.0), normalize=tb.get("normalize", False), esd=esd)
+
+
 def build_model(config, tokenizer) -> tuple[models.Decoder, Any]:
   """The model and its initial (pre-trained or random) parameters."""
   mc = config.model
@@ -171,6 +182,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   trainable, frozen = peft.split(params)
   total_steps = int(config.total_steps)
   tx, schedule = optim.make(config.optim, trainable, total_steps)
+  tb = config.get("tempbalance") or {}
+  if tb.get("enabled"):
+    tx = peft.tempbalance(tx)
   loss_entry = losses.get(config.loss.name)
   ref_params = None
   if "reference" in loss_entry.needs and not peft.has_adapters(params):
@@ -255,7 +269,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_last, steps_since = time.perf_counter(), 0
     pending.clear()
 
+  def esd_refresh(step):
+    """HT-SR alphas of the current weights -> TensorBoard, and (TempBalance) new layerwise multipliers."""
+    nonlocal state
+    params_now = jax.device_get(peft.combine(state.params, frozen))
+    sched = peft.schedule(params_now, tb_config)
+    alphas = diagnostics.block_alphas(sched.records, model.config.num_layers)
+    writer.write(step, {f"alpha/block_{l}": a for l, a in enumerate(alphas) if np.isfinite(a)})
+    if tb.get("enabled"):
+      opt_state = peft.refresh_multipliers(state.opt_state, params_now, tb_config, sched=sched)
+      state = state._replace(opt_state=jax.device_put(opt_state, state_sh.opt_state))
+
+  tb_config = tempbalance_config(tb) if tb.get("esd_interval") else None
   for step in range(start, total_steps):
+    if tb_config is not None and step % tb.esd_interval == 0:
+      esd_refresh(step)
     pos = train_iter.get_state()
     batch = eval_lib.put_batch(eval_lib.to_model_batch(next(train_iter)), mesh)
     state, metrics = step_fn(state, frozen, ref_params, batch)
