@@ -182,12 +182,20 @@ class Decoder:
       x = x * jnp.asarray(c.hidden_size ** 0.5, c.dtype)
     return x
 
-  def _layer(self, x, p, positions, mask, kv_in, cache_index):
-    """One decoder layer. kv_in: (k_cache, v_cache) [B, S, KV, hd] or None."""
+  def _layer(self, x, p, positions, mask, kv_in, cache_index, capture=False):
+    """One decoder layer. kv_in: (k_cache, v_cache) [B, S, KV, hd] or None.
+
+    With `capture`, also returns the per-input-channel sum of squares of each linear layer's input
+    (q/k/v share `attn_in`, gate/up share `mlp_in`): the activation statistics of Wanda / OWL scores.
+    """
+    stats = {}
+    sumsq = lambda t, mask_: jnp.einsum("bt,bti->i", mask_, jnp.square(t.astype(jnp.float32)))
     c = self.config
     B, T, _ = x.shape
     hd = c.dim_per_head
     h = rms_norm(x, p["attn_norm"]["scale"], c.norm_eps, c.norm_plus_one)
+    if capture is not False:
+      stats["attn_in"] = sumsq(h, capture)
     a = p["attn"]
     q = _linear(h, a["q_proj"]).reshape(B, T, c.num_heads, hd)
     k = _linear(h, a["k_proj"]).reshape(B, T, c.num_kv_heads, hd)
@@ -205,16 +213,22 @@ class Decoder:
                                        local_window_size=(c.sliding_window - 1, 0) if c.sliding_window else None)
     else:
       o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
-    x = x + _linear(o.reshape(B, T, c.num_heads * hd), a["o_proj"])
+    o = o.reshape(B, T, c.num_heads * hd)
+    x = x + _linear(o, a["o_proj"])
     h = rms_norm(x, p["mlp_norm"]["scale"], c.norm_eps, c.norm_plus_one)
+    if capture is not False:
+      stats["o_proj_in"] = sumsq(o, capture)
+      stats["mlp_in"] = sumsq(h, capture)
     m = p["mlp"]
     h = _ACT[c.activation](_linear(h, m["gate_proj"])) * _linear(h, m["up_proj"])
+    if capture is not False:
+      stats["down_proj_in"] = sumsq(h, capture)
     x = x + _linear(h, m["down_proj"])
-    return x, kv_out
+    return x, (kv_out, stats) if capture is not False else kv_out
 
   def apply(self, params: Params, tokens: jax.Array, positions: Optional[jax.Array] = None,
             segment_ids: Optional[jax.Array] = None, *, cache: Optional[Cache] = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, capture_inputs: bool = False):
     """Logits [B, T, V] in the compute dtype (float32 by default).
 
     Args:
@@ -223,8 +237,10 @@ class Decoder:
       segment_ids: [B, T] document ids for packed rows, 0 for padding; default all ones.
       cache: a `Cache` to decode with; then the new cache is returned too.
       return_hidden: also return the final normed hidden states [B, T, D].
+      capture_inputs: also return {name: [L, in]} sums over real tokens (segment != 0) of the squared
+        inputs of the linear layers (names attn_in, o_proj_in, mlp_in, down_proj_in), for calibration.
     Returns:
-      logits, or (logits, hidden) / (logits, cache) / (logits, hidden, cache).
+      logits, then hidden / cache / captured statistics, each only when asked for.
     """
     c = self.config
     B, T = tokens.shape
@@ -246,9 +262,11 @@ class Decoder:
 
     x = self.embed(params, tokens)
 
+    capture = (segment_ids != 0).astype(jnp.float32) if capture_inputs else False
+
     def body(x, layer):
       p, kv = layer
-      return self._layer(x, p, positions, mask, kv, start)
+      return self._layer(x, p, positions, mask, kv, start, capture)
 
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
@@ -261,7 +279,9 @@ class Decoder:
         layer = jax.tree.map(lambda a: a[i], (params["layers"], kv_in))
         x, kv = body(x, layer)
         outs.append(kv)
-      kv_out = None if kv_in is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      kv_out = None if not outs or outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if capture_inputs:
+      kv_out, stats = kv_out
 
     hidden = rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_plus_one)
     logits = self.logits(params, hidden)
@@ -270,6 +290,8 @@ class Decoder:
       out += (hidden,)
     if cache is not None:
       out += (Cache(kv_out[0], kv_out[1], k_seg, start + T),)
+    if capture_inputs:
+      out += (stats,)
     return out[0] if len(out) == 1 else out
 
   def logits(self, params, hidden):
