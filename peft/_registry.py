@@ -9,7 +9,7 @@ An optimizer factory takes the schedule and the `config.optim` ConfigDict and re
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import optax
 
@@ -97,3 +97,37 @@ def _frugal(learning_rate, cfg):
                 inactive_lr_scale=cfg.get("inactive_lr_scale", 0.1), reset_statistics=cfg.get("reset_statistics", True),
                 b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8), seed=cfg.get("seed", 0),
                 weight_decay=cfg.get("weight_decay", 0.0), mask=_path_mask(cfg.get("projected", _PROJECTED)))
+
+
+# Host hooks: work that must not sit in the jitted step (layer resampling, ...). A hook transforms the
+# parameters once before they are split into trainable/frozen, and every `every` steps rewrites the train
+# state and the frozen tree on the host, keeping every shape (so the step never recompiles). A hook that
+# writes trained values into the frozen tree sets `mutates_frozen`, and the trainer checkpoints that tree.
+class HostHook(NamedTuple):
+  every: int
+  init_params: Callable          # (params, rng) -> params
+  refresh: Callable              # (step, state, frozen, tx) -> (state, frozen)
+  mutates_frozen: bool = False
+
+
+_HOOKS: dict[str, Callable[..., HostHook]] = {}
+
+
+def register_hook(name: str):
+  """Decorator for a factory `(config, model) -> HostHook`, picked by `config.sampling.method`."""
+  def deco(fn):
+    if name in _HOOKS:
+      raise ValueError(f"host hook {name!r} registered twice")
+    _HOOKS[name] = fn
+    return fn
+  return deco
+
+
+def get_hook(name: str) -> Callable[..., HostHook]:
+  if name not in _HOOKS:
+    raise ValueError(f"unknown layer-sampling method {name!r}; valid: {', '.join(sorted(_HOOKS)) or 'none'}")
+  return _HOOKS[name]
+
+
+def hook_names() -> list[str]:
+  return sorted(_HOOKS)

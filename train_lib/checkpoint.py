@@ -19,20 +19,26 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                              create=True),
-        item_names=("state", "data"))
+        item_names=("state", "data", "frozen"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-    return self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+  def save(self, step: int, state, data_state: dict, force: bool = False, frozen=None) -> bool:
+    """`frozen` is saved only by runs that write trained values into it (layer sampling)."""
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    if frozen is not None:
+      items["frozen"] = ocp.args.StandardSave(frozen)
+    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, abstract_state):
-    """abstract_state: a tree of jax.ShapeDtypeStruct (with shardings) shaped like the saved state."""
-    r = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return r["state"], r["data"]
+  def restore(self, step: int, abstract_state, abstract_frozen=None):
+    """abstract_*: trees of jax.ShapeDtypeStruct (with shardings) shaped like what was saved.
+    Returns (state, data_state, frozen or None)."""
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    if abstract_frozen is not None:
+      items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
+    r = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    return r["state"], r["data"], (r["frozen"] if abstract_frozen is not None else None)
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -30,8 +30,8 @@ def load_trained(workdir: str, step: int | None = None):
   config = load_config(workdir)
   tokenizer = data_lib.get_tokenizer(config.data)
   model, params = train_mod.build_model(config, tokenizer)
-  if config.get("peft") and config.peft.get("method") and hasattr(peft, "apply_config"):
-    params = peft.apply_config(params, config.peft, rng=jax.random.PRNGKey(config.seed + 2))
+  params, hooks = train_mod.transform_params(config, model, params)
+  save_frozen = any(h.mutates_frozen for h in hooks)
   trainable, frozen = peft.split(params)
   tx, _ = optim.make(config.optim, trainable, int(config.total_steps))
   abstract = jax.eval_shape(lambda t: train_mod.TrainState(
@@ -40,7 +40,9 @@ def load_trained(workdir: str, step: int | None = None):
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  state, _ = ckpt.restore(step, abstract)
+  state, _, saved_frozen = ckpt.restore(step, abstract, jax.eval_shape(lambda f: f, frozen) if save_frozen else None)
   ckpt.close()
+  if save_frozen:
+    frozen = saved_frozen
   params = peft.combine(state.params, frozen)
   return config, model, params, tokenizer

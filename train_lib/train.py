@@ -24,6 +24,7 @@ import diagnostics
 import losses
 import models
 import peft
+from peft._registry import get_hook
 from train_lib import checkpoint as ckpt_lib
 from train_lib import evaluate as eval_lib
 from train_lib import metrics as metrics_lib
@@ -149,6 +150,16 @@ def tempbalance_config(tb) -> peft.TempBalanceConfig:
       exp_temp=tb.get("exp_temp", 10.0), normalize=tb.get("normalize", False), esd=esd)
 
 
+def transform_params(config, model, params):
+  """Adapters (`config.peft`) and layer sampling (`config.sampling`) applied to the base params."""
+  params = peft.apply_config(params, config.get("peft"), rng=jax.random.PRNGKey(config.seed + 2))
+  sampling = config.get("sampling") or {}
+  hooks = [get_hook(sampling.method)(config, model)] if sampling.get("method") else []
+  for hook in hooks:
+    params = hook.init_params(params, jax.random.PRNGKey(config.seed + 3))
+  return params, hooks
+
+
 def build_model(config, tokenizer) -> tuple[models.Decoder, Any]:
   """The model and its initial (pre-trained or random) parameters."""
   mc = config.model
@@ -178,7 +189,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = shd.make_mesh(config.get("mesh"))
   tokenizer = data_lib.get_tokenizer(config.data)
   model, params = build_model(config, tokenizer)
-  params = peft.apply_config(params, config.get("peft")) if hasattr(peft, "apply_config") else params
+  params, hooks = transform_params(config, model, params)
+  save_frozen = any(h.mutates_frozen for h in hooks)
   trainable, frozen = peft.split(params)
   total_steps = int(config.total_steps)
   tx, schedule = optim.make(config.optim, trainable, total_steps)
@@ -221,7 +233,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                async_save=config.get("async_checkpoints", True))
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state = ckpt.restore(start, ckpt_lib.abstract(state, state_sh))
+    state, data_state, restored_frozen = ckpt.restore(
+        start, ckpt_lib.abstract(state, state_sh),
+        ckpt_lib.abstract(frozen, frozen_sh) if save_frozen else None)
+    if save_frozen:
+      frozen = restored_frozen
     train_iter.set_state(data_state)
     logging.info("resumed from step %d", start)
   start = int(state.step)
@@ -284,6 +300,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for step in range(start, total_steps):
     if tb_config is not None and step % tb.esd_interval == 0:
       esd_refresh(step)
+    for hook in hooks:
+      if step % hook.every == 0:
+        state, frozen = hook.refresh(step, state, frozen, tx)
     pos = train_iter.get_state()
     batch = eval_lib.put_batch(eval_lib.to_model_batch(next(train_iter)), mesh)
     state, metrics = step_fn(state, frozen, ref_params, batch)
@@ -296,7 +315,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run_eval(done, f"step_{done}")
     if done % int(config.get("checkpoint_every_steps", 1000)) == 0 or done == total_steps:
       flush_pending()
-      ckpt.save(done, state, train_iter.get_state(), force=done == total_steps)
+      ckpt.save(done, state, train_iter.get_state(), force=done == total_steps,
+                frozen=frozen if save_frozen else None)
 
   flush_pending()
   ckpt.close()
