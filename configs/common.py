@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 import data
+import peft
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -41,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "small"                  # a models.PRESETS name (ignored when hf_path is set)
   c.model.hf_path = ""                    # a Hugging Face model directory to start from
+  c.model.init_workdir = ""               # or the workdir of an earlier run (adapters merged), e.g. SFT
   c.model.overrides = ml_collections.ConfigDict()  # DecoderConfig fields on top of the preset
   c.model.dtype = "float32"               # compute dtype (bfloat16 for mixed precision)
   c.model.param_dtype = "float32"         # master weights
@@ -75,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0            # 0 disables
   c.optim.grad_accum_steps = 1
   c.optim.rules = ()                      # ((regex, optimizer name or None to freeze), ...); () = all one
+
+  c.peft = peft.default_config()          # adapters; method None = full fine-tuning (see peft/_apply.py)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "nll"                     # a losses registry name

@@ -11,13 +11,13 @@ from configs.common import base_config, parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, model="small", task="sort", smoke=False)
+  arg = parse_arg(arg, model="small", task="sort", steps=1500, smoke=False)
   c = base_config()
   c.model.name = arg.model
   c.data.task = arg.task
   c.seq_len = 32
   c.batch_size = 64
-  c.total_steps = 1500
+  c.total_steps = arg.steps
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 100
   if arg.smoke:                            # seconds: tests and CI

@@ -9,6 +9,12 @@
     print(ds.report.summary())                      # records skipped per reason (skip_invalid=True)
     pairs, check = data.eval_examples(cfg, "test", n=200)   # [(prompt, answer)], check(prompt, response)
 
+Preference data (`cfg.pref_kind = "pairwise" | "unpaired" | "listwise"`): the same `get_dataset` gives
+[B, K, T] batches (one padded row per sequence; `scores`, `list_mask`, `label`, `ref_logps`,
+`example_mask` beside them) with the same iterator; `preference_eval_examples(cfg, "test", n)` gives
+validated `PreferenceRecord`s and `preference_batch` their batch. The built-in tasks have preference
+versions with graded wrong answers (`generate_preference`).
+
 Batches are dicts of numpy arrays `[B, T]`: `inputs`, `targets` (next token of the same document),
 `loss_mask` (1 on response tokens and eos), `positions` (restart per document), `segment_ids` (1, 2...
 per document, 0 = padding). Each example is `bos + prompt + response + eos`; at generation time encode
@@ -19,12 +25,18 @@ Sources (`config.source`): builtin (sort, reverse, add), jsonl, parquet, tfds (a
 materialises a built-in task as a TFDS dataset.
 
 Modules: `_synthetic` tasks and CharTokenizer, `_sources` record sources, `_sft` record -> tokens and
-validation, `_packing` rows, `_pipeline` iterator, `_dataset` entry points, `_tfds` TFDS builder;
+validation, `_packing` rows, `_pipeline` iterator, `_dataset` entry points, `_tfds` TFDS builder,
+`_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
-from data._dataset import SOURCES, default_config, eval_examples, get_dataset, get_tokenizer, make_source
+from data._dataset import (PREF_KINDS, SOURCES, default_config, eval_examples, get_dataset, get_tokenizer,
+                           make_source)
 from data._packing import FIELDS, MODES, pack
 from data._pipeline import BatchIterator, SFTDataset
+from data._pref_synthetic import corrupt, generate_preference, wrong_digits
+from data._preference import (PREF_REASONS, PreferenceDataset, PreferenceExample, PreferenceRecord, num_sequences,
+                              PreferenceReport, encode_preference, get_preference_dataset, layout,
+                              preference_batch, preference_eval_examples, record_preference)
 from data._sft import REASONS, Example, SkipReport, build_examples, encode_sft, record_text
 from data._sources import (ArrayRecordSource, DataError, HFSource, JsonlSource, ListSource, ParquetSource,
                            TfdsSource, write_array_record, write_jsonl)

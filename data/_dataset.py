@@ -7,6 +7,9 @@
     it = iter(ds); batch = next(it); state = it.get_state()
     pairs, check = data.eval_examples(cfg, "test", n=200)   # exact-match eval by generation
 
+With `cfg.pref_kind` set ("pairwise" | "unpaired" | "listwise") `get_dataset` builds preference batches
+(`data._preference`) and the built-in source yields preference records (`data._pref_synthetic`).
+
 A wrong key in the config fails at once with the valid keys listed.
 """
 from __future__ import annotations
@@ -17,14 +20,19 @@ import ml_collections
 import numpy as np
 
 from data import _packing
+from data import _pref_synthetic
 from data import _sft
 from data import _sources
 from data import _synthetic
 from data._pipeline import SFTDataset
 
 SOURCES = ("builtin", "jsonl", "parquet", "tfds", "array_record", "hf")
+PREF_KINDS = _pref_synthetic.KINDS
 BUILTIN_TRAIN_SIZE = 50_000
 BUILTIN_EVAL_SIZE = 1_000
+
+
+_ph = ml_collections.config_dict.placeholder  # a None default that flags can still override
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -33,30 +41,46 @@ def default_config() -> ml_collections.ConfigDict:
   c.source = "builtin"       # one of SOURCES
   # Built-in synthetic tasks (`data._synthetic`).
   c.task = "sort"            # sort | reverse | add
-  c.min_digits = None        # digits per number; None: the task's default (sort/reverse 3-6, add 1-4)
-  c.max_digits = None
+  c.min_digits = _ph(int)  # digits per number; None: the task's default (sort/reverse 3-6, add 1-4)
+  c.max_digits = _ph(int)
   c.eval_fraction = 0.1      # share of all problems that belong to the held-out split
   # How much data.
-  c.train_size = None        # training records (problems); builtin: None = 50_000; files: None = all
-  c.eval_size = None         # records of other splits; builtin: None = 1_000; files: None = all
+  c.train_size = _ph(int)  # training records (problems); builtin: None = 50_000; files: None = all
+  c.eval_size = _ph(int)  # records of other splits; builtin: None = 1_000; files: None = all
   c.data_seed = 0            # which problems / which subset; the order is `seed` of get_dataset
   # Where the records are.
-  c.path = None              # jsonl | parquet | array_record file (or glob); "{split}" -> split name
-  c.name = None              # tfds builder ("synthetic_tasks/sort") or HF dataset name / path
-  c.data_dir = None          # tfds / HF data_dir
-  c.hf_config = None         # HF dataset configuration name
+  c.path = _ph(str)  # jsonl | parquet | array_record file (or glob); "{split}" -> split name
+  c.name = _ph(str)  # tfds builder ("synthetic_tasks/sort") or HF dataset name / path
+  c.data_dir = _ph(str)  # tfds / HF data_dir
+  c.hf_config = _ph(str)  # HF dataset configuration name
   # Record fields.
   c.prompt_field = "prompt"
   c.response_field = "response"
-  c.messages_field = None    # e.g. "messages": chat records rendered with the chat template
-  c.chat_template = None     # jinja template; None: the tokenizer's
-  c.tokenizer = None         # tokenizer directory; "char" = CharTokenizer (the default for builtin)
+  c.messages_field = _ph(str)  # e.g. "messages": chat records rendered with the chat template
+  c.chat_template = _ph(str)  # jinja template; None: the tokenizer's
+  c.tokenizer = _ph(str)  # tokenizer directory; "char" = CharTokenizer (the default for builtin)
   # Examples.
-  c.max_prompt_len = None    # tokens kept from the end of the prompt
-  c.max_response_len = None  # tokens kept from the start of the response
+  c.max_prompt_len = _ph(int)  # tokens kept from the end of the prompt
+  c.max_response_len = _ph(int)  # tokens kept from the start of the response
   c.truncate = True          # cut responses to fit seq_len; False: such records are invalid
   c.skip_invalid = False     # False: the first invalid record raises; True: skip and count per reason
   c.packing = "first_fit"    # first_fit | greedy | none (one example per row); True/False also work
+  # Preference data (`data._preference`): [B, K, T] batches, one padded row per sequence, never packed.
+  c.pref_kind = _ph(str)  # None (SFT) | pairwise | unpaired | listwise
+  c.chosen_field = "chosen"          # pairwise: batch index 0
+  c.rejected_field = "rejected"      # pairwise: batch index 1
+  c.completion_field = "completion"  # unpaired
+  c.label_field = "label"            # unpaired: True / 1 = desirable
+  c.responses_field = "responses"    # listwise: a list of responses
+  c.scores_field = "scores"          # listwise: one number per response, higher is better, ties allowed
+  c.ranks_field = "ranks"            # listwise, read when a record has no scores: 1 = best; score = 1 - rank
+  c.ref_logps_field = _ph(str)  # precomputed reference log-probs: a
+                                     # field with one number per sequence, or "a,b" one field per sequence
+  c.list_size = 4                    # listwise K: shorter lists are padded (list_mask), longer are invalid
+  c.allow_identical = False          # pairwise: keep records whose chosen == rejected (else invalid)
+  c.unpaired_kl = True               # unpaired: K = 2, index 1 = the prompt with the previous example's
+                                     # completion (KTO's KL estimate); False: K = 1
+  c.desirable_fraction = 0.5         # builtin unpaired: share of correct completions
   return c
 
 
@@ -75,6 +99,8 @@ def _resolve(config) -> ml_collections.ConfigDict:
     cfg[k] = v
   if cfg.source not in SOURCES:
     raise ValueError(f"unknown data source {cfg.source!r}; valid: {', '.join(SOURCES)}")
+  if cfg.pref_kind is not None and cfg.pref_kind not in PREF_KINDS:
+    raise ValueError(f"unknown pref_kind {cfg.pref_kind!r}; valid: None (SFT), {', '.join(PREF_KINDS)}")
   if cfg.source == "builtin":
     _synthetic.get_task(cfg.task)  # raises with the valid names
   elif cfg.source in ("jsonl", "parquet", "array_record") and not cfg.path:
@@ -115,6 +141,9 @@ def make_source(config, split: str):
     canonical = _synthetic.canonical_split(split)
     size = cfg.train_size if canonical == "train" else cfg.eval_size
     size = size or (BUILTIN_TRAIN_SIZE if canonical == "train" else BUILTIN_EVAL_SIZE)
+    if cfg.pref_kind:
+      return _sources.ListSource(_builtin_preference(cfg, canonical, size),
+                                 f"builtin:{cfg.task}/{cfg.pref_kind}/{canonical}")
     records = _synthetic.generate(cfg.task, canonical, size, seed=cfg.data_seed,
                                   min_digits=cfg.min_digits, max_digits=cfg.max_digits,
                                   eval_fraction=cfg.eval_fraction)
@@ -130,6 +159,15 @@ def make_source(config, split: str):
   return _sources.HFSource(cfg.name, split, config_name=cfg.hf_config, data_dir=cfg.data_dir)
 
 
+def _builtin_preference(cfg, split: str, size: int) -> list[dict]:
+  fields = {k: cfg[f"{k}_field"] for k in ("prompt", "chosen", "rejected", "completion", "label",
+                                            "responses", "scores")}
+  return _pref_synthetic.generate_preference(
+      cfg.task, split, size, cfg.pref_kind, seed=cfg.data_seed, list_size=cfg.list_size,
+      desirable_fraction=cfg.desirable_fraction, min_digits=cfg.min_digits, max_digits=cfg.max_digits,
+      eval_fraction=cfg.eval_fraction, fields=fields)
+
+
 def _indices(cfg, source, split: str) -> np.ndarray:
   """All records, or a `data_seed`-chosen subset of `train_size` / `eval_size` (kept in file order)."""
   n = len(source)
@@ -139,11 +177,16 @@ def _indices(cfg, source, split: str) -> np.ndarray:
   return np.sort(np.random.default_rng(cfg.data_seed).permutation(n)[:size])
 
 
-def _text_fn(cfg, tokenizer) -> Callable[[Any], tuple[str, str]]:
+def chat_setup(cfg, tokenizer) -> tuple[str | None, dict]:
+  """(chat template, its special-token variables) from the config or the tokenizer."""
   template = cfg.chat_template or getattr(tokenizer, "chat_template", None)
   # Template variables: `load_tokenizer`'s tokenizers keep {"bos": "<s>", "eos": "</s>", ...}.
   specials = getattr(tokenizer, "special_tokens", None) or {}
-  specials = {f"{k}_token": v for k, v in specials.items() if v is not None}
+  return template, {f"{k}_token": v for k, v in specials.items() if v is not None}
+
+
+def _text_fn(cfg, tokenizer) -> Callable[[Any], tuple[str, str]]:
+  template, specials = chat_setup(cfg, tokenizer)
   return lambda record: _sft.record_text(
       record, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
       messages_field=cfg.messages_field, chat_template=template, special_tokens=specials)
@@ -153,8 +196,15 @@ def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int,
                 train: bool | None = None, process_index: int = 0,
                 process_count: int = 1) -> SFTDataset:
   """Packed SFT batches of a split: endless and shuffled when `train` (default: split "train..."),
-  else one pass in order. Every record is read, checked and tokenized here, once."""
+  else one pass in order. Every record is read, checked and tokenized here, once.
+
+  With `config.pref_kind` set, the preference batches of `data.get_preference_dataset` instead."""
   cfg = _resolve(config)
+  if cfg.pref_kind:
+    from data._preference import get_preference_dataset  # pylint: disable=g-import-not-at-top
+    return get_preference_dataset(cfg, split, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+                                  seed=seed, train=train, process_index=process_index,
+                                  process_count=process_count)
   train = _is_train(split) if train is None else train
   source = make_source(cfg, split)
   text = _text_fn(cfg, tokenizer)
@@ -179,9 +229,13 @@ def eval_examples(config, split: str, n: int | None = None
 
   Built-in tasks verify by recomputing the answer from the prompt; other sources by exact match with
   the record's response (any of them, if a prompt repeats). Invalid records raise, or are skipped with
-  `skip_invalid`, as in `get_dataset`.
+  `skip_invalid`, as in `get_dataset`. Preference data (`pref_kind`) gives its preferred responses
+  (`data._preference.best_response`).
   """
   cfg = _resolve(config)
+  if cfg.pref_kind:
+    from data._preference import preference_generation_examples  # pylint: disable=g-import-not-at-top
+    return preference_generation_examples(cfg, split, n)
   if cfg.source == "builtin" and n is not None:
     with cfg.unlocked():
       cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set

@@ -60,8 +60,7 @@ class BatchIterator:
     ds = self.ds
     if not ds.train and self.position >= len(ds.examples):
       raise StopIteration
-    batch, used = _packing.pack(_Stream(ds, self.epoch, self.position), ds.batch_size, ds.seq_len,
-                                mode=ds.packing, pad_id=ds.pad_id)
+    batch, used = ds.make_batch(_Stream(ds, self.epoch, self.position))
     if ds.train:
       q = self.position + used
       self.epoch, self.position = self.epoch + q // len(ds.examples), q % len(ds.examples)
@@ -120,6 +119,14 @@ class SFTDataset:
         self._orders.pop(min(self._orders))
       self._orders[epoch] = order
     return self._orders[epoch]
+
+  def make_batch(self, stream: Sequence[Example]) -> tuple[dict[str, np.ndarray], int]:
+    """The global batch made from a prefix of `stream`, and the length of that prefix.
+
+    The hook a dataset with another batch layout overrides (`data._preference`); the stream, its state
+    and the process slicing stay in `BatchIterator`.
+    """
+    return _packing.pack(stream, self.batch_size, self.seq_len, mode=self.packing, pad_id=self.pad_id)
 
   def __iter__(self) -> BatchIterator:
     return BatchIterator(self)

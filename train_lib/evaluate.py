@@ -33,11 +33,13 @@ def heldout_loss(config, tokenizer, eval_fn, mesh) -> dict:
     if i >= ec.get("num_loss_batches", 4):
       break
     m = jax.device_get(eval_fn(put_batch(to_model_batch(batch), mesh)))
+    # The last eval batch is filled with masked copies: weight each batch by its real examples.
+    w = float(np.sum(batch["example_mask"])) if "example_mask" in batch else 1.0
     for k, v in m.items():
       if np.ndim(v) == 0:
-        sums[k] = sums.get(k, 0.0) + float(v)
-    n += 1
-  return {k: v / max(n, 1) for k, v in sums.items()}
+        sums[k] = sums.get(k, 0.0) + w * float(v)
+    n += w
+  return {k: v / max(n, 1e-9) for k, v in sums.items()}
 
 
 def exact_match(config, model, params, tokenizer) -> float:

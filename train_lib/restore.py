@@ -32,7 +32,7 @@ def load_trained(workdir: str, step: int | None = None):
   model, params = train_mod.build_model(config, tokenizer)
   params, hooks = train_mod.transform_params(config, model, params)
   save_frozen = any(h.mutates_frozen for h in hooks)
-  trainable, frozen = peft.split(params)
+  trainable, frozen = train_mod.split_trainable(params)
   tx, _ = optim.make(config.optim, trainable, int(config.total_steps))
   abstract = jax.eval_shape(lambda t: train_mod.TrainState(
       jax.numpy.zeros((), jax.numpy.int32), t, tx.init(t), jax.random.PRNGKey(0)), trainable)

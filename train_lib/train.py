@@ -51,7 +51,9 @@ def _masked_mean(x, mask, axis):
 
 
 def model_outputs(model: models.Decoder, params, batch, needs=frozenset()) -> dict:
-  """The `losses.Outputs` dict for a [B, K, T] batch: one forward pass over all B*K sequences."""
+  """The `losses.Outputs` dict for a [B, K, T] batch: one forward pass over all B*K sequences.
+
+  `needs` may also hold "log_sum_sq_probs" (per-token log sum_v p_v^2, WPO's weights)."""
   lead, T = batch["inputs"].shape[:-1], batch["inputs"].shape[-1]
   flat = lambda k: batch[k].reshape(-1, T) if batch.get(k) is not None else None
   # Without segment ids (unpacked, unpadded rows) the model takes the plain causal path (cuDNN flash).
@@ -77,22 +79,50 @@ def model_outputs(model: models.Decoder, params, batch, needs=frozenset()) -> di
     out["last_logits"] = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   if "logits" in needs:
     out["logits"] = logits
+  if "log_sum_sq_probs" in needs:
+    out["log_sum_sq_probs"] = jax.nn.logsumexp(2.0 * (logits - logz[..., None]), axis=-1)
   return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+
+
+def loss_needs(loss_entry, loss_cfg) -> frozenset:
+  needs = set(loss_entry.needs)
+  if loss_cfg.get("use_weighting", False):
+    needs.add("log_sum_sq_probs")
+  return frozenset(needs)
+
+
+def ranking_accuracy(logps, batch):
+  """Fraction of ordered pairs (score_i > score_j, both real) with logp_i > logp_j. Pairs without
+  scores are ordered chosen (index 0) over rejected (index 1)."""
+  K = logps.shape[1]
+  scores = batch.get("scores")
+  if scores is None:
+    scores = jnp.broadcast_to(-jnp.arange(K, dtype=jnp.float32), logps.shape)
+  valid = batch.get("list_mask", jnp.ones_like(scores))
+  better = (scores[:, :, None] > scores[:, None, :]) & (valid[:, :, None] > 0) & (valid[:, None, :] > 0)
+  right = logps[:, :, None] > logps[:, None, :]
+  return jnp.sum(better & right) / jnp.maximum(jnp.sum(better), 1)
 
 
 def loss_and_metrics(trainable, frozen, ref_params, batch, rng, *, model, loss_entry, loss_cfg):
   del rng  # no dropout in the base model yet; adapters that need randomness take it from here
   params = peft.combine(trainable, frozen)
-  policy = model_outputs(model, params, batch, loss_entry.needs)
+  needs = loss_needs(loss_entry, loss_cfg)
+  if "loss_params" in params:     # parameters a loss trains (DPO-Kernels' kernel mixture)
+    batch = {**batch, "hmk_params": params["loss_params"]}
+  policy = model_outputs(model, params, batch, needs)
   reference = None
-  if "reference" in loss_entry.needs:
+  if "reference" in needs:
     if "ref_logps" in batch:     # precomputed once into the data
       reference = {"logps": batch["ref_logps"]}
     else:
       ref = ref_params if ref_params is not None else peft.strip(params)
-      reference = jax.lax.stop_gradient(model_outputs(model, ref, batch, loss_entry.needs))
+      reference = jax.lax.stop_gradient(model_outputs(model, ref, batch, needs))
   loss, metrics = loss_entry.fn(policy, reference, batch, loss_cfg)
-  return loss, {"loss": loss, **metrics}
+  metrics = {"loss": loss, **metrics}
+  if loss_entry.kind in ("pairwise", "listwise") and policy["logps"].shape[1] > 1:
+    metrics["ranking_accuracy"] = ranking_accuracy(policy["logps"], batch)
+  return loss, metrics
 
 
 # =====================================================================================================
@@ -151,13 +181,26 @@ def tempbalance_config(tb) -> peft.TempBalanceConfig:
 
 
 def transform_params(config, model, params):
-  """Adapters (`config.peft`) and layer sampling (`config.sampling`) applied to the base params."""
+  """Adapters (`config.peft`), layer sampling (`config.sampling`) and the parameters a loss trains
+  (`params["loss_params"]`: DPO-Kernels' kernel mixture) added to the base params."""
   params = peft.apply_config(params, config.get("peft"), rng=jax.random.PRNGKey(config.seed + 2))
+  if config.loss.name == "dpo_kernels" and config.loss.get("kernel") == "hmk":
+    params = {**params, "loss_params": losses.init_hmk_params(model.config.hidden_size,
+                                                               jax.random.PRNGKey(config.seed + 4))}
   sampling = config.get("sampling") or {}
   hooks = [get_hook(sampling.method)(config, model)] if sampling.get("method") else []
   for hook in hooks:
     params = hook.init_params(params, jax.random.PRNGKey(config.seed + 3))
   return params, hooks
+
+
+def split_trainable(params):
+  """peft.split, with loss parameters always trainable (an adapter run freezes plain arrays)."""
+  trainable, frozen = peft.split(params)
+  if "loss_params" in params:
+    trainable = {**trainable, "loss_params": params["loss_params"]}
+    frozen = {**frozen, "loss_params": jax.tree.map(lambda _: None, params["loss_params"])}
+  return trainable, frozen
 
 
 def build_model(config, tokenizer) -> tuple[models.Decoder, Any]:
@@ -166,6 +209,13 @@ def build_model(config, tokenizer) -> tuple[models.Decoder, Any]:
   overrides = dict(dtype=mc.get("dtype", "float32"), param_dtype=mc.get("param_dtype", "float32"),
                    remat=mc.get("remat", "none"), scan_layers=mc.get("scan_layers", True),
                    attention_impl=mc.get("attention_impl", None))
+  if mc.get("init_workdir"):      # start from an earlier run of this project (e.g. SFT before DPO)
+    from train_lib import restore   # pylint: disable=g-import-not-at-top  (restore imports this module)
+    _, model, params, _ = restore.load_trained(mc.init_workdir)
+    params = peft.merge(params)     # its adapters, if any, become part of the new base
+    params = {k: v for k, v in params.items() if k != "loss_params"}
+    cfg = model.config.replace(**overrides)
+    return models.Decoder(cfg), jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
   if mc.get("hf_path"):
     cfg, params = models.load_hf(mc.hf_path)
     cfg = cfg.replace(**overrides)
@@ -191,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model, params = build_model(config, tokenizer)
   params, hooks = transform_params(config, model, params)
   save_frozen = any(h.mutates_frozen for h in hooks)
-  trainable, frozen = peft.split(params)
+  trainable, frozen = split_trainable(params)
   total_steps = int(config.total_steps)
   tx, schedule = optim.make(config.optim, trainable, total_steps)
   tb = config.get("tempbalance") or {}
@@ -263,7 +313,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---- loop -------------------------------------------------------------------------------------------
   progress = metrics_lib.Progress(total_steps, start)
   pending = []                          # (step, data position, device metrics) not yet checked on host
-  tokens_per_step = config.batch_size * seq_len
+  kind = config.data.get("pref_kind")
+  tokens_per_step = config.batch_size * seq_len * (data_lib.num_sequences(kind, config.data.get("list_size", 4))
+                                                   if kind else 1)
   t_last, steps_since = time.perf_counter(), 0
   log_every = int(config.get("log_every_steps", 10))
 

@@ -28,7 +28,7 @@ def validate(config, num_devices: int | None = None) -> None:
   if config.get("task", "train") != "train":
     return
   mc = config.model
-  if not mc.get("hf_path"):
+  if not mc.get("hf_path") and not mc.get("init_workdir"):
     _check(mc.name in models.PRESETS, f"config.model.name={mc.name!r}; valid: {', '.join(models.PRESETS)}")
   for k in ("dtype", "param_dtype"):
     _check(mc.get(k, "float32") in DTYPES, f"config.model.{k}={mc.get(k)!r}; valid: {DTYPES}")
@@ -36,6 +36,14 @@ def validate(config, num_devices: int | None = None) -> None:
          f"config.model.remat={mc.get('remat')!r}; valid: {models._config.REMAT_POLICIES}")
   _check(config.loss.name in losses.names(),
          f"config.loss.name={config.loss.name!r}; valid: {', '.join(losses.names())}")
+  kind = config.data.get("pref_kind") or "sft"
+  entry = losses.get(config.loss.name)
+  want = {"sft": ("sft",), "pairwise": ("pairwise",), "listwise": ("listwise", "pairwise"),
+          "unpaired": ("unpaired",)}[kind]
+  _check(entry.kind in want,
+         f"config.loss.name={config.loss.name!r} is a {entry.kind} loss but config.data.pref_kind is "
+         f"{config.data.get('pref_kind')!r}; {entry.kind} losses need pref_kind "
+         f"{ {'sft': None, 'pairwise': 'pairwise', 'listwise': 'listwise', 'unpaired': 'unpaired'}[entry.kind]!r}")
   oc = config.optim
   _check(oc.name in optimizer_names(), f"config.optim.name={oc.name!r}; valid: {', '.join(optimizer_names())}")
   _check(oc.get("schedule", "cosine") in optim.SCHEDULES,
