@@ -1,10 +1,10 @@
 """Speed and memory of one training step on Llama shapes, printed with the PyTorch peer's JSON fields.
 
-    python benchmarks/bench_train.py full_sft          # env: SIZE=tiny|1b|7b B=8 T=1024 STEPS=10 REMAT=none
+    python benchmarks/bench_train.py full_sft|lora_sft|lora_dpo|galore_sft   # env: SIZE=tiny|1b|7b B=8 T=1024
+                                                                              #      STEPS=10 REMAT=none RANK=
 
 Same shapes, fields and FLOP count as `peers_torch.py` (random bf16 weights, bf16 AdamW states, T=1024), so
-the two JSON lines stand side by side as ratios (`benchmarks/compare.py`). Modes other than full_sft are
-added by the adapter / preference / optimizer benchmarks as they land.
+the two JSON lines stand side by side as ratios (`benchmarks/compare.py` runs both and prints the ratios).
 """
 from __future__ import annotations
 
@@ -46,6 +46,24 @@ def build(mode: str, size: str, remat: str):
   if mode == "full_sft":
     tx = optax.adamw(1e-5, weight_decay=0.0)
     trainable_weights = True
+  elif mode == "lora_sft":   # PEFT LoraConfig(r=RANK, lora_alpha=2*RANK, target_modules="all-linear"), fp32 adapters
+    rank = int(os.environ.get("RANK", "16"))
+    params = peft.apply(params, {"all-linear": peft.AdapterSpec("lora", rank=rank, alpha=2.0 * rank)},
+                        jax.random.PRNGKey(1))
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+    trainable_weights = False   # no weight gradients for the frozen base (the FLOP count's 4 instead of 6)
+  elif mode == "lora_dpo":   # as lora_sft; B sequences = B/2 pairs, reference = the base without adapters
+    rank = int(os.environ.get("RANK", "16"))
+    params = peft.apply(params, {"all-linear": peft.AdapterSpec("lora", rank=rank, alpha=2.0 * rank)},
+                        jax.random.PRNGKey(1))
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+    trainable_weights = False
+  elif mode == "galore_sft":   # galore-torch's peer: attn/mlp kernels projected, rank RANK, gap 200, scale 0.25
+    from peft._registry import get_optimizer
+    cfg = ml_collections.ConfigDict(dict(rank=int(os.environ.get("RANK", "128")), update_proj_gap=200,
+                                         scale=0.25, weight_decay=0.0))
+    tx = get_optimizer("galore")(1e-4, cfg)
+    trainable_weights = True
   else:
     raise SystemExit(f"unknown mode {mode}")
   return model, params, tx, trainable_weights
@@ -59,14 +77,17 @@ def main():
   model, params, tx, trainable_weights = build(mode, size, os.environ.get("REMAT", "none"))
   trainable, frozen = peft.split(params)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(1))
+  dpo = mode == "lora_dpo"
+  loss_cfg = ml_collections.ConfigDict(dict(beta=0.1, loss_type=("sigmoid",)) if dpo else {})
   step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, schedule=lambda s: 1e-5,
-                                   loss_entry=losses.get("nll"), loss_cfg=ml_collections.ConfigDict({})),
+                                   loss_entry=losses.get("dpo" if dpo else "nll"), loss_cfg=loss_cfg),
                  donate_argnums=(0,))
   key = jax.random.PRNGKey(2)
-  tokens = jax.random.randint(key, (B, 1, T + 1), 0, model.config.vocab_size)
+  lead = (B // 2, 2) if dpo else (B, 1)     # DPO: chosen and rejected of a pair in one batch
+  tokens = jax.random.randint(key, lead + (T + 1,), 0, model.config.vocab_size)
   batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-           "loss_mask": jnp.ones((B, 1, T), jnp.float32),
-           "positions": jnp.broadcast_to(jnp.arange(T), (B, 1, T))}
+           "loss_mask": jnp.ones(lead + (T,), jnp.float32),
+           "positions": jnp.broadcast_to(jnp.arange(T), lead + (T,))}
   times = []
   for i in range(steps + 3):
     t0 = time.perf_counter()
@@ -76,7 +97,8 @@ def main():
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   n_params = peft.count(params)
-  flops = model.flops_per_token(T, trainable_weights) * B * T / med
+  extra = 1.5 if dpo else 1.0   # DPO adds a no-grad reference forward (2N of 4N), as the peer counts it
+  flops = model.flops_per_token(T, trainable_weights) * extra * B * T / med
   print(json.dumps(dict(
       peer="jax-project", mode=mode, size=size, params_M=round(n_params / 1e6, 1), B=B, T=T,
       step_ms=round(med * 1e3, 1), tokens_per_s=round(B * T / med), model_tflops=round(flops / 1e12, 1),

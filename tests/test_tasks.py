@@ -87,7 +87,7 @@ def test_unknown_fields_and_arguments_are_rejected():
   config.lock()                      # as `config_flags.DEFINE_config_file(..., lock_config=True)` does
   with pytest.raises(AttributeError, match="Other fields present"):
     config.optim.learning_rat = 1.0
-  with pytest.raises(ValueError, match="unknown config argument 'modle'; valid: model, smoke, task"):
+  with pytest.raises(ValueError, match="unknown config argument 'modle'; valid: model, smoke, steps, task"):
     sft.get_config("modle=tiny")
   config.unlock()
   config.data.task = "sortt"

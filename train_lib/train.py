@@ -105,8 +105,7 @@ def ranking_accuracy(logps, batch):
 
 
 def loss_and_metrics(trainable, frozen, ref_params, batch, rng, *, model, loss_entry, loss_cfg):
-  del rng  # no dropout in the base model yet; adapters that need randomness take it from here
-  params = peft.combine(trainable, frozen)
+  params = peft.with_dropout_rng(peft.combine(trainable, frozen), rng)   # adapter dropout keys; None in eval
   needs = loss_needs(loss_entry, loss_cfg)
   if "loss_params" in params:     # parameters a loss trains (DPO-Kernels' kernel mixture)
     batch = {**batch, "hmk_params": params["loss_params"]}

@@ -36,6 +36,9 @@ def validate(config, num_devices: int | None = None) -> None:
          f"config.model.remat={mc.get('remat')!r}; valid: {models._config.REMAT_POLICIES}")
   _check(config.loss.name in losses.names(),
          f"config.loss.name={config.loss.name!r}; valid: {', '.join(losses.names())}")
+  if config.get("peft") is not None:
+    import peft  # pylint: disable=g-import-not-at-top
+    peft.check_config(config.peft)
   kind = config.data.get("pref_kind") or "sft"
   entry = losses.get(config.loss.name)
   want = {"sft": ("sft",), "pairwise": ("pairwise",), "listwise": ("listwise", "pairwise"),
