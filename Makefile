@@ -25,9 +25,13 @@ $(REF)/.installed: requirements/ref.txt
 	$(REF)/bin/pip install -q --no-deps galore-torch==1.0
 	touch $@
 
+# SFT from scratch on the built-in `sort` task, then DPO with LoRA from that model on the built-in preference
+# task; each stage prints held-out exact match (and preference metrics) before and after.
 demo: env
 	rm -rf $(WORKDIR)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python main.py --config=configs/sft.py --workdir=$(WORKDIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python main.py --config=configs/sft.py:steps=100 --workdir=$(WORKDIR)/sft
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python main.py --config=configs/dpo.py \
+	  --config.model.init_workdir=$(WORKDIR)/sft --workdir=$(WORKDIR)/dpo
 
 test: env ref-env
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
