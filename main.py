@@ -15,6 +15,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:   # orbax and absl are chatty at INFO; --verbosity=0 brings it back
+    logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", FLAGS.config)
   train_lib.run_task(FLAGS.config, FLAGS.workdir)
 

@@ -70,3 +70,8 @@ def test_trainer_refreshes_multipliers_and_logs_block_alphas(tmp_path):
   assert lr_states
   f = np.concatenate([np.ravel(x) for x in jax.tree.leaves(lr_states[0])])
   assert f.min() < 0.99 and f.max() > 1.01
+  # eval / export / diagnose rebuild the run's optimizer (TempBalance included) to read the checkpoint.
+  from train_lib import restore
+  _, _, params, _ = restore.load_trained(str(tmp_path))
+  np.testing.assert_array_equal(peft.flatten(params)["layers/attn/q_proj/kernel"],
+                                peft.flatten(summary["state"].params)["layers/attn/q_proj/kernel"])

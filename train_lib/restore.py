@@ -11,7 +11,6 @@ import ml_collections
 import data as data_lib
 import peft
 from train_lib import checkpoint as ckpt_lib
-from train_lib import optim
 from train_lib import train as train_mod
 
 CONFIG_FILE = "config.json"
@@ -33,7 +32,7 @@ def load_trained(workdir: str, step: int | None = None):
   params, hooks = train_mod.transform_params(config, model, params)
   save_frozen = any(h.mutates_frozen for h in hooks)
   trainable, frozen = train_mod.split_trainable(params)
-  tx, _ = optim.make(config.optim, trainable, int(config.total_steps))
+  tx, _ = train_mod.build_optimizer(config, trainable)
   abstract = jax.eval_shape(lambda t: train_mod.TrainState(
       jax.numpy.zeros((), jax.numpy.int32), t, tx.init(t), jax.random.PRNGKey(0)), trainable)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)

@@ -169,6 +169,14 @@ def eval_step(trainable, frozen, ref_params, batch, *, model, loss_entry, loss_c
 # =====================================================================================================
 # Setup
 # =====================================================================================================
+def build_optimizer(config, trainable):
+  """The optax chain of `config.optim`, followed by TempBalance's layerwise multipliers when enabled."""
+  tx, schedule = optim.make(config.optim, trainable, int(config.total_steps))
+  if (config.get("tempbalance") or {}).get("enabled"):
+    tx = peft.tempbalance(tx)
+  return tx, schedule
+
+
 def tempbalance_config(tb) -> peft.TempBalanceConfig:
   esd = getattr(diagnostics.EsdConfig, tb.get("esd_preset", "tempbalance"))(
       eigs_thresh=tb.get("eigs_thresh", 50))
@@ -242,10 +250,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   save_frozen = any(h.mutates_frozen for h in hooks)
   trainable, frozen = split_trainable(params)
   total_steps = int(config.total_steps)
-  tx, schedule = optim.make(config.optim, trainable, total_steps)
+  tx, schedule = build_optimizer(config, trainable)
   tb = config.get("tempbalance") or {}
-  if tb.get("enabled"):
-    tx = peft.tempbalance(tx)
   loss_entry = losses.get(config.loss.name)
   ref_params = None
   if "reference" in loss_entry.needs and not peft.has_adapters(params):
