@@ -264,19 +264,23 @@ class Decoder:
 
     capture = (segment_ids != 0).astype(jnp.float32) if capture_inputs else False
 
+    # Adapter nodes whose children do not all carry the layer axis (layer sampling) split themselves
+    # into what the scan slices and what the body closes over (`peft.scan_split`); a no-op otherwise.
+    layers, closed = peft.scan_split(params["layers"])
+
     def body(x, layer):
       p, kv = layer
-      return self._layer(x, p, positions, mask, kv, start, capture)
+      return self._layer(x, peft.scan_bind(p, closed), positions, mask, kv, start, capture)
 
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
     kv_in = (cache.k, cache.v) if cache is not None else None
     if c.scan_layers:
-      x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
+      x, kv_out = jax.lax.scan(body, x, (layers, kv_in))
     else:
       outs = []
       for i in range(c.num_layers):
-        layer = jax.tree.map(lambda a: a[i], (params["layers"], kv_in))
+        layer = jax.tree.map(lambda a: a[i], (layers, kv_in))
         x, kv = body(x, layer)
         outs.append(kv)
       kv_out = None if not outs or outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)

@@ -495,7 +495,7 @@ def save_hf(path: str, cfg: DecoderConfig, params: Params, model_type: str = "ll
   import jax   # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file   # pylint: disable=g-import-not-at-top
   want = _np_dtype(dtype)
-  params = jax.device_get(peft.merge(params) if peft.has_adapters(params) else params)
+  params = jax.device_get(peft.merge(params))   # adapters and layer-sampling nodes -> plain arrays
   hf = config_to_hf(cfg, model_type, rope_dialect=rope_dialect,
                     dtype=str(want or np.asarray(params["embed"]["embedding"]).dtype), **config_extra)
   tensors = {}

@@ -22,3 +22,9 @@ from peft._lora import LoRA
 from peft._dora import DoRA
 from peft._ia3 import IA3
 from peft._export import export_adapter, import_adapter
+from peft._apply import adapter_node, register_hf_format, static_field, target_regex
+from peft._quant import float_weight, like_base
+from peft._core import scan_bind, scan_split
+from peft._sampling import (HFTState, SampledLayers, hft, hft_selection, layer_probs, reset_slot_state,
+                             resample, sample_layers, sampled_blocks)
+from peft._lift import ScaleByLiftState, lift, principal_indices, scale_by_lift

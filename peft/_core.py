@@ -26,9 +26,24 @@ class Adapter:
   `materialize` (the equivalent plain weight, i.e. the merge).
   """
   trainable_fields: ClassVar[tuple[str, ...]] = ()
+  # A node that trains the weight itself rather than a delta on a frozen base (layer sampling): it is no
+  # adapter for `has_adapters` (so plain arrays stay trainable in `split`, and the reference model of a
+  # preference loss is a frozen copy, since `frozen_base()` is not the pre-training weight).
+  trains_base: ClassVar[bool] = False
 
   def dot(self, x: jax.Array) -> jax.Array:
     raise NotImplementedError
+
+  # The model's `lax.scan` over stacked layers slices every child along axis 0. A node under the stacked
+  # `layers` whose children do not all carry that axis (layer sampling's `slots [gamma, ...]`) splits
+  # itself: `scan_parts()` -> (sliced, closed over whole), and in the scan body `sliced_slice.scan_bind(
+  # closed)` rebuilds the per-layer weight or node. See `scan_split` / `scan_bind` below.
+  def scan_parts(self) -> tuple[Any, Any]:
+    return self, None
+
+  def scan_bind(self, closed) -> Any:
+    del closed
+    return self
 
   def materialize(self) -> jax.Array:
     raise NotImplementedError
@@ -55,15 +70,16 @@ def _is_leaf(x) -> bool:
 
 def split(params: Params, train_base: bool | None = None) -> tuple[Params, Params]:
   """(trainable, frozen). By default plain arrays are frozen as soon as the tree holds an adapter
-  (HF PEFT's behaviour) and trainable otherwise (full fine-tuning)."""
+  (HF PEFT's behaviour) and trainable otherwise (full fine-tuning, layer sampling included)."""
   if train_base is None:
-    train_base = not any(is_adapter(l) for l in jax.tree.leaves(params, is_leaf=_is_leaf))
+    train_base = not has_adapters(params)
 
   def part(leaf, want_trainable: bool):
     if leaf is None:
       return None
     if is_adapter(leaf):
-      fields = {f.name for f in dataclasses.fields(leaf)}
+      # Static fields (rank, scale, ...) are tree metadata, not children: never replace them by None.
+      fields = {f.name for f in dataclasses.fields(leaf) if f.metadata.get("pytree_node", True)}
       keep = set(leaf.trainable_fields) if want_trainable else fields - set(leaf.trainable_fields)
       return leaf.replace(**{f: None for f in fields - keep})
     return leaf if want_trainable == train_base else None
@@ -94,7 +110,21 @@ def strip(params: Params) -> Params:
 
 
 def has_adapters(params: Params) -> bool:
-  return any(is_adapter(l) for l in jax.tree.leaves(params, is_leaf=is_adapter))
+  """Whether the tree holds adapter nodes (nodes that train the base weight itself do not count)."""
+  return any(is_adapter(l) and not l.trains_base for l in jax.tree.leaves(params, is_leaf=is_adapter))
+
+
+def scan_split(layers: Params) -> tuple[Params, Params]:
+  """(xs, closed) for a `lax.scan` over stacked layers: what the scan slices, and what its body closes over
+  (None where nothing). The identity for plain arrays and for nodes whose children all carry the layer axis."""
+  xs = jax.tree.map(lambda l: l.scan_parts()[0] if is_adapter(l) else l, layers, is_leaf=is_adapter)
+  closed = jax.tree.map(lambda l: l.scan_parts()[1] if is_adapter(l) else None, layers, is_leaf=is_adapter)
+  return xs, closed
+
+
+def scan_bind(layer: Params, closed: Params) -> Params:
+  """Inside the scan body: one layer's slice of `xs` joined with `closed` (see `scan_split`)."""
+  return jax.tree.map(lambda l, c: l.scan_bind(c) if is_adapter(l) else l, layer, closed, is_leaf=is_adapter)
 
 
 def count(params: Params) -> int:

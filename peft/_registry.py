@@ -67,7 +67,7 @@ def _path_mask(pattern: str):
 
 # Projected optimizers. `cfg.projected` selects the projected kernels (GaLore's attn/mlp linears by
 # default); every other leaf gets plain Adam inside the same transform.
-_PROJECTED = r"layers/(attn|mlp)/.*_proj/kernel"
+_PROJECTED = r"layers/(attn|mlp)/.*_proj/kernel(/slots)?"
 
 
 @register_optimizer("galore")

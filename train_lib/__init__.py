@@ -2,6 +2,7 @@
 
 `TASKS` maps `config.task` to a function `(config, workdir)`; main.py only dispatches through it.
 """
+import diagnostics
 from train_lib.generation import generate
 from train_lib import tasks as _tasks
 from train_lib.train import TrainState, model_outputs, train_and_evaluate, train_step
@@ -10,6 +11,7 @@ TASKS = {
     "train": train_and_evaluate,
     "eval": _tasks.evaluate,
     "export": _tasks.export,
+    "diagnose": diagnostics.diagnose,
 }
 
 

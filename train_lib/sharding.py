@@ -20,12 +20,12 @@ BATCH = ("data", "fsdp")
 # Kernels are [L, in, out] (stacked) or [in, out]; adapter children (…/kernel/a etc.) fall to the default.
 DEFAULT_RULES = (
     (r"embed/embedding", ("tensor", "fsdp")),
-    (r"layers/attn/(q|k|v)_proj/kernel(/base)?", (None, "fsdp", "tensor")),
-    (r"layers/mlp/(gate|up)_proj/kernel(/base)?", (None, "fsdp", "tensor")),
-    (r"layers/attn/o_proj/kernel(/base)?", (None, "tensor", "fsdp")),
-    (r"layers/mlp/down_proj/kernel(/base)?", (None, "tensor", "fsdp")),
+    (r"layers/attn/(q|k|v)_proj/kernel(/base|/slots)?", (None, "fsdp", "tensor")),
+    (r"layers/mlp/(gate|up)_proj/kernel(/base|/slots)?", (None, "fsdp", "tensor")),
+    (r"layers/attn/o_proj/kernel(/base|/slots)?", (None, "tensor", "fsdp")),
+    (r"layers/mlp/down_proj/kernel(/base|/slots)?", (None, "tensor", "fsdp")),
     (r"layers/.*/bias", (None, "tensor")),
-    (r"lm_head/kernel(/base)?", ("fsdp", "tensor")),
+    (r"lm_head/kernel(/base|/slots)?", ("fsdp", "tensor")),
     (r".*", ()),
 )
 
