@@ -43,6 +43,7 @@ def build(mode: str, size: str, remat: str):
                       attention_impl="cudnn" if jax.default_backend() == "gpu" else None)
   model = models.Decoder(cfg)
   params = jax.jit(model.init)(jax.random.PRNGKey(0))
+  n_base = peft.count(params)   # the model's own parameters, as the peer counts them (before any adapter)
   if mode == "full_sft":
     tx = optax.adamw(1e-5, weight_decay=0.0)
     trainable_weights = True
@@ -64,9 +65,21 @@ def build(mode: str, size: str, remat: str):
                                          scale=0.25, weight_decay=0.0))
     tx = get_optimizer("galore")(1e-4, cfg)
     trainable_weights = True
+  elif mode == "owlore_sft":   # OwLore's footprint: GAMMA sampled blocks trained with GaLore (RANK), rest frozen
+    import numpy as np
+    from peft import _sampling
+    from train_lib import optim
+    params = _sampling.sample_layers(params, np.arange(int(os.environ.get("GAMMA", "5"))))
+    cfg = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip_norm=0.0,
+        rules=((r"layers/.*/slots", "galore"), (".*", "adamw")), projected=r"layers/(attn|mlp)/.*_proj/kernel/slots",
+        rank=int(os.environ.get("RANK", "256")), update_proj_gap=100, scale=1.0, proj_type="std", eps=1e-6,
+        weight_decay=0.0))
+    tx, _ = optim.make(cfg, peft.split(params)[0], 100)
+    trainable_weights = True
   else:
     raise SystemExit(f"unknown mode {mode}")
-  return model, params, tx, trainable_weights
+  return model, params, tx, trainable_weights, n_base
 
 
 def main():
@@ -74,7 +87,7 @@ def main():
   size = os.environ.get("SIZE", "tiny")
   B, T = int(os.environ.get("B", "8")), int(os.environ.get("T", "1024"))
   steps = int(os.environ.get("STEPS", "10"))
-  model, params, tx, trainable_weights = build(mode, size, os.environ.get("REMAT", "none"))
+  model, params, tx, trainable_weights, n_params = build(mode, size, os.environ.get("REMAT", "none"))
   trainable, frozen = peft.split(params)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(1))
   dpo = mode == "lora_dpo"
@@ -96,7 +109,6 @@ def main():
     if i >= 3:
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
-  n_params = peft.count(params)
   extra = 1.5 if dpo else 1.0   # DPO adds a no-grad reference forward (2N of 4N), as the peer counts it
   flops = model.flops_per_token(T, trainable_weights) * extra * B * T / med
   print(json.dumps(dict(
