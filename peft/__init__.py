@@ -28,3 +28,4 @@ from peft._core import scan_bind, scan_split
 from peft._sampling import (HFTState, SampledLayers, hft, hft_selection, layer_probs, reset_slot_state,
                              resample, sample_layers, sampled_blocks)
 from peft._lift import ScaleByLiftState, lift, principal_indices, scale_by_lift
+from peft._lora_pro import ScaleByLoraProState, corrected_lora_grads, lora_pro, scale_by_lora_pro

@@ -131,3 +131,12 @@ def get_hook(name: str) -> Callable[..., HostHook]:
 
 def hook_names() -> list[str]:
   return sorted(_HOOKS)
+
+
+@register_optimizer("lora_pro")
+def _lora_pro(learning_rate, cfg):
+  from peft._lora_pro import lora_pro
+  return lora_pro(learning_rate, optimizer=cfg.get("inner", "adam"), b1=cfg.get("b1", 0.9),
+                  b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8), momentum=cfg.get("momentum", None) or None,
+                  inverse_eps=cfg.get("inverse_eps", 1e-8), x_mode=cfg.get("x_mode", "sylvester"),
+                  weight_decay=cfg.get("weight_decay", 0.0))

@@ -75,3 +75,20 @@ def test_trainer_refreshes_multipliers_and_logs_block_alphas(tmp_path):
   _, _, params, _ = restore.load_trained(str(tmp_path))
   np.testing.assert_array_equal(peft.flatten(params)["layers/attn/q_proj/kernel"],
                                 peft.flatten(summary["state"].params)["layers/attn/q_proj/kernel"])
+
+
+def test_tempbalance_composes_with_galore_in_the_trainer(tmp_path):
+  from configs import galore as galore_config
+  config = galore_config.get_config("model=tiny,smoke,rank=4")
+  config.model.overrides = ml_collections.ConfigDict(dict(hidden_size=96, intermediate_size=160))
+  config.optim.update_proj_gap = 4
+  config.tempbalance.enabled = True
+  config.tempbalance.esd_interval = 4
+  config.tempbalance.eigs_thresh = 16
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert summary["after"]["loss"] < summary["before"]["loss"]
+  lr_states = [s for s in jax.tree.leaves(summary["state"].opt_state,
+                                          is_leaf=lambda x: isinstance(x, peft.ScaleByLayerwiseLrState))
+               if isinstance(s, peft.ScaleByLayerwiseLrState)]
+  f = np.concatenate([np.ravel(x) for x in jax.tree.leaves(lr_states[0])])
+  assert f.min() < 0.99 and f.max() > 1.01    # the back-projected GaLore updates are scaled per layer
