@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64                       # global, in rows
   c.total_steps = 1000
   c.log_every_steps = 25
+  c.entanglement_every_steps = 0          # pairwise runs: log gradient entanglement every N steps (0 = off)
   c.eval_every_steps = 0                  # 0: only before and after training
   c.eval_before = True
   c.checkpoint_every_steps = 500

@@ -7,6 +7,7 @@ Public surface:
   esd(w) / fit_powerlaw(lam) / spectral_metrics(lam, alpha)   the pieces, for arrays
   record_rows / write_csv / format_table / plot_alpha_per_layer / plot_esd   reports (_report)
   diagnose(config, workdir)                the `diagnose` task of main.py (_task)
+  entanglement(model, trainable, frozen, batch)  gradient entanglement of chosen/rejected (_entanglement)
 """
 from diagnostics._esd import (EsdConfig, EsdRecord, analyze, block_alphas, block_of, esd, fit_matrices,
                               fit_spectrum, is_stacked, summary)
@@ -16,3 +17,4 @@ from diagnostics._report import (COLUMNS, format_table, matrix_name, plot_alpha_
 from diagnostics._task import diagnose
 from diagnostics._outliers import (DEFAULT_M, channel_norms, outlier_distribution, outlier_ratios,
                                    wanda_scores)
+from diagnostics._entanglement import entanglement, indicators, pair_stats, tree_dot

@@ -354,6 +354,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state = state._replace(opt_state=jax.device_put(opt_state, state_sh.opt_state))
 
   tb_config = tempbalance_config(tb) if tb.get("esd_interval") else None
+  # Gradient entanglement of chosen and rejected log-probs (pairwise data only), on demand.
+  ent_every = int(config.get("entanglement_every_steps", 0) or 0) if config.data.get("pref_kind") == "pairwise" else 0
+  entanglement_fn = jax.jit(functools.partial(diagnostics.entanglement, model, n_pairs=4)) if ent_every else None
   for step in range(start, total_steps):
     if tb_config is not None and step % tb.esd_interval == 0:
       esd_refresh(step)
@@ -362,6 +365,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, frozen = hook.refresh(step, state, frozen, tx)
     pos = train_iter.get_state()
     batch = eval_lib.put_batch(eval_lib.to_model_batch(next(train_iter)), mesh)
+    if ent_every and step % ent_every == 0:      # before the step: the gradients the step is about to use
+      writer.write(step, jax.device_get(entanglement_fn(state.params, frozen, batch)))
     state, metrics = step_fn(state, frozen, ref_params, batch)
     pending.append((step, pos, metrics))
     steps_since += 1
