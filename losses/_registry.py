@@ -40,13 +40,17 @@ class LossEntry:
   fn: LossFn
   needs: frozenset
   kind: str          # "sft" | "pairwise" | "unpaired" | "listwise"
+  carry: tuple = ()  # ((metric name, batch field), ...): running state the trainer feeds back each step
 
 
 _REGISTRY: dict[str, LossEntry] = {}
 
 
-def register(name: str, *, needs=(), kind: str = "pairwise"):
-  """Decorator: `@register("dpo", needs=("reference",))`."""
+def register(name: str, *, needs=(), kind: str = "pairwise", carry=()):
+  """Decorator: `@register("dpo", needs=("reference",))`.
+
+  `carry` lists (metric, batch field) pairs: the trainer puts the value a step returned as `metric` into the
+  next step's batch as `field` and checkpoints it (BCO's running reward mean)."""
   unknown = set(needs) - set(NEEDS)
   if unknown:
     raise ValueError(f"loss {name!r} needs unknown outputs {sorted(unknown)}; valid: {NEEDS}")
@@ -54,7 +58,7 @@ def register(name: str, *, needs=(), kind: str = "pairwise"):
   def deco(fn):
     if name in _REGISTRY:
       raise ValueError(f"loss {name!r} registered twice")
-    _REGISTRY[name] = LossEntry(name, fn, frozenset(needs), kind)
+    _REGISTRY[name] = LossEntry(name, fn, frozenset(needs), kind, tuple(carry))
     return fn
   return deco
 

@@ -101,7 +101,8 @@ def bco_reward_shift(prev_shift, prev_steps, batch_mean):
   return prev_shift + (batch_mean - prev_shift) / steps, steps
 
 
-@register("bco", needs=("reference",), kind="unpaired")
+@register("bco", needs=("reference",), kind="unpaired",
+          carry=(("bco/reward_shift", "bco_reward_shift"), ("bco/steps", "bco_steps")))
 def bco_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array],
              batch: Mapping[str, Any], cfg):
   """BCO; `cfg`: beta. Batch: label, optional bco_reward_shift, bco_steps, bco_udm_weight."""

@@ -21,7 +21,8 @@ def to_model_batch(batch: dict) -> dict:
 
 
 def put_batch(batch: dict, mesh) -> dict:
-  return {k: jax.device_put(v, shd.batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+  return {k: jax.device_put(v, shd.batch_sharding(mesh, np.ndim(v)) if np.ndim(v) else shd.replicated(mesh))
+          for k, v in batch.items()}
 
 
 def heldout_loss(config, tokenizer, eval_fn, mesh) -> dict:

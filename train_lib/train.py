@@ -286,6 +286,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     seq_len=seq_len, seed=config.seed))
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 2),
                                async_save=config.get("async_checkpoints", True))
+  # Running loss state fed back each step (BCO's reward mean), checkpointed with the data position.
+  carry = {field: 0.0 for _, field in loss_entry.carry}
   start = ckpt.latest_step()
   if start is not None:
     state, data_state, restored_frozen = ckpt.restore(
@@ -293,6 +295,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt_lib.abstract(frozen, frozen_sh) if save_frozen else None)
     if save_frozen:
       frozen = restored_frozen
+    carry = data_state.pop("loss_carry", carry)
     train_iter.set_state(data_state)
     logging.info("resumed from step %d", start)
   start = int(state.step)
@@ -364,10 +367,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % hook.every == 0:
         state, frozen = hook.refresh(step, state, frozen, tx)
     pos = train_iter.get_state()
-    batch = eval_lib.put_batch(eval_lib.to_model_batch(next(train_iter)), mesh)
+    host_batch = eval_lib.to_model_batch(next(train_iter))
+    host_batch.update({k: np.float32(v) for k, v in carry.items()})
+    batch = eval_lib.put_batch(host_batch, mesh)
     if ent_every and step % ent_every == 0:      # before the step: the gradients the step is about to use
       writer.write(step, jax.device_get(entanglement_fn(state.params, frozen, batch)))
     state, metrics = step_fn(state, frozen, ref_params, batch)
+    if carry:    # a host sync per step, only for losses that carry state
+      carry = {field: float(metrics[metric]) for metric, field in loss_entry.carry}
     pending.append((step, pos, metrics))
     steps_since += 1
     done = step + 1
@@ -377,7 +384,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run_eval(done, f"step_{done}")
     if done % int(config.get("checkpoint_every_steps", 1000)) == 0 or done == total_steps:
       flush_pending()
-      ckpt.save(done, state, train_iter.get_state(), force=done == total_steps,
+      ckpt.save(done, state, {**train_iter.get_state(), "loss_carry": carry}, force=done == total_steps,
                 frozen=frozen if save_frozen else None)
 
   flush_pending()
