@@ -4,18 +4,22 @@ r"""DPO-Kernels (Das et al., 2025): DPO with an embedding-kernel term and a dive
     python main.py --config=configs/dpo_kernels.py --config.model.init_workdir=/tmp/sft --workdir=/tmp/dpok
     python main.py --config=configs/dpo_kernels.py:kernel=hmk,divergence=js ...    # hierarchical mixture
     python main.py --config=configs/dpo_kernels.py:mode=faithful,source=reference_hidden ...  # the paper's code
+    python main.py --config=configs/dpo_kernels.py:select --config.model.init_workdir=/tmp/sft --workdir=/tmp/sel
+        # data-driven selection: a short run per kernel x divergence pair, scored on the validation split
 
 `mode=dpo_compatible` (default) is -log sig(beta[(rho_c - rho_r) + gamma kernel_ratio]) + alpha D(pi||pi_ref);
 `mode=faithful` reproduces the reference code's formula (no beta, no log-sigmoid; unbounded below). The
 embeddings come from the policy's own hidden states by default, so the kernel term trains the policy.
 """
+import ml_collections
+
 from configs import dpo
 from configs.common import parse_arg
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, model="small", task="sort", kernel="rbf", divergence="kl", mode="dpo_compatible",
-                  source="policy_hidden", steps=300, smoke=False)
+                  source="policy_hidden", steps=300, select=False, smoke=False)
   c = dpo.get_config(f"model={arg.model},task={arg.task},steps={arg.steps}" + (",smoke" if arg.smoke else ""))
   c.loss.name = "dpo_kernels"
   c.loss.mode = arg.mode                  # dpo_compatible | faithful
@@ -31,4 +35,11 @@ def get_config(arg=None):
   c.loss.renyi_a = 1.01
   c.loss.wasserstein_k = 32
   c.loss.hmk_entropy_coef = 0.0
+  c.select = ml_collections.ConfigDict()   # task=select_kernels: the sweep over kernel x divergence pairs
+  c.select.kernels = ("polynomial", "rbf", "spectral", "mahalanobis")
+  c.select.divergences = ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "f")
+  c.select.steps = 50 if not arg.smoke else 2     # training steps per pair
+  c.select.metric = "rewards/margins"      # held-out metric to maximise (e.g. exact_match, ranking_accuracy)
+  if arg.select:
+    c.task = "select_kernels"
   return c

@@ -5,6 +5,7 @@
 import diagnostics
 from train_lib.generation import generate
 from train_lib import tasks as _tasks
+from train_lib.select_kernels import select_kernels as _select_kernels
 from train_lib.train import TrainState, model_outputs, train_and_evaluate, train_step
 
 TASKS = {
@@ -12,6 +13,7 @@ TASKS = {
     "eval": _tasks.evaluate,
     "export": _tasks.export,
     "diagnose": diagnostics.diagnose,
+    "select_kernels": _select_kernels,
 }
 
 

@@ -10,7 +10,7 @@ import models
 from peft._registry import optimizer_names
 from train_lib import optim
 
-TASKS = ("train", "eval", "merge", "diagnose", "export")
+TASKS = ("train", "eval", "merge", "diagnose", "export", "select_kernels")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
