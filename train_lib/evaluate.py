@@ -27,8 +27,8 @@ def put_batch(batch: dict, mesh) -> dict:
 
 def heldout_loss(config, tokenizer, eval_fn, mesh) -> dict:
   ec = config.eval
-  it = data_lib.get_dataset(config.data, config.get("eval_split", "test"), tokenizer=tokenizer, batch_size=ec.batch_size,
-                            seq_len=int(config.seq_len), seed=config.seed)
+  it = data_lib.get_dataset(config.data, config.get("eval_split", "test"), tokenizer=tokenizer,
+                            batch_size=ec.batch_size, seq_len=int(config.seq_len), seed=config.seed)
   sums, n = {}, 0
   for i, batch in enumerate(it):
     if i >= ec.get("num_loss_batches", 4):

@@ -39,7 +39,8 @@ def load_trained(workdir: str, step: int | None = None):
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  state, _, saved_frozen = ckpt.restore(step, abstract, jax.eval_shape(lambda f: f, frozen) if save_frozen else None)
+  abstract_frozen = jax.eval_shape(lambda f: f, frozen) if save_frozen else None
+  state, _, saved_frozen = ckpt.restore(step, abstract, abstract_frozen)
   ckpt.close()
   if save_frozen:
     frozen = saved_frozen

@@ -282,8 +282,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- data and checkpoint ----------------------------------------------------------------------------
   seq_len = int(config.seq_len)
-  train_iter = iter(data_lib.get_dataset(config.data, "train", tokenizer=tokenizer, batch_size=config.batch_size,
-                                    seq_len=seq_len, seed=config.seed))
+  train_iter = iter(data_lib.get_dataset(config.data, "train", tokenizer=tokenizer,
+                                         batch_size=config.batch_size, seq_len=seq_len, seed=config.seed))
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 2),
                                async_save=config.get("async_checkpoints", True))
   # Running loss state fed back each step (BCO's reward mean), checkpointed with the data position.
@@ -322,8 +322,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = metrics_lib.Progress(total_steps, start)
   pending = []                          # (step, data position, device metrics) not yet checked on host
   kind = config.data.get("pref_kind")
-  tokens_per_step = config.batch_size * seq_len * (data_lib.num_sequences(kind, config.data.get("list_size", 4))
-                                                   if kind else 1)
+  seqs = (data_lib.num_sequences(kind, config.data.get("list_size", 4), config.data.get("unpaired_kl", True))
+          if kind else 1)
+  tokens_per_step = config.batch_size * seq_len * seqs
   t_last, steps_since = time.perf_counter(), 0
   log_every = int(config.get("log_every_steps", 10))
 
@@ -358,7 +359,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   tb_config = tempbalance_config(tb) if tb.get("esd_interval") else None
   # Gradient entanglement of chosen and rejected log-probs (pairwise data only), on demand.
-  ent_every = int(config.get("entanglement_every_steps", 0) or 0) if config.data.get("pref_kind") == "pairwise" else 0
+  ent_every = int(config.get("entanglement_every_steps", 0) or 0) if kind == "pairwise" else 0
   entanglement_fn = jax.jit(functools.partial(diagnostics.entanglement, model, n_pairs=4)) if ent_every else None
   for step in range(start, total_steps):
     if tb_config is not None and step % tb.esd_interval == 0:

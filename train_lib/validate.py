@@ -65,7 +65,8 @@ def validate(config, num_devices: int | None = None) -> None:
   sizes = {a: int(mesh.get(a, -1 if a == "data" else 1)) for a in ("data", "fsdp", "tensor")}
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   _check(n % known == 0, f"config.mesh {sizes} does not fit {n} devices")
-  dp = (n // known if sizes["data"] == -1 else sizes["data"]) * (sizes["fsdp"] if sizes["fsdp"] != -1 else n // known)
+  resolved = {a: (n // known if v == -1 else v) for a, v in sizes.items()}
+  dp = resolved["data"] * resolved["fsdp"]
   _check(config.batch_size % max(dp, 1) == 0,
          f"config.batch_size={config.batch_size} must be divisible by the data-parallel size {dp} "
          f"(mesh data x fsdp)")
