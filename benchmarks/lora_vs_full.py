@@ -7,7 +7,6 @@ trainable parameter count.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -18,23 +17,16 @@ import jax
 
 import peft
 import train_lib
-from benchmarks.preference_table import ROOT, get_config
+from benchmarks._common import get_config, train_base, transfer_args
 
 RUNS = (("full fine-tuning", "adapter=none"), ("LoRA r16", "adapter=lora"), ("DoRA r16", "adapter=dora"),
         ("QLoRA r16 (NF4 base)", "adapter=lora,quantize=nf4"), ("LoRA r16, PiSSA init", "adapter=lora,init=pissa"))
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "lora_vs_full.md"))
-  p.add_argument("--model", default="small")
-  p.add_argument("--base_steps", type=int, default=1500)
-  p.add_argument("--steps", type=int, default=600)
-  a = p.parse_args()
+  a = transfer_args("lora_vs_full.md", base_steps=1500, steps=600)
   t0 = time.time()
-  base = os.path.join(a.workdir, "base")
-  train_lib.train_and_evaluate(get_config("sft.py", f"model={a.model},task=sort,steps={a.base_steps}"), base)
+  base = train_base(a.workdir, a.model, a.base_steps)
   rows = []
   for title, arg in RUNS:
     cfg = get_config("lora.py", f"model={a.model},steps={a.steps},{arg}")
@@ -49,7 +41,8 @@ def main():
            "Exact match: 200 held-out `reverse` prompts, greedy.", "",
            "| run | exact match before | after | gain vs full FT | trainable params |", "|---|---|---|---|---|"]
   for title, b, f, n in rows:
-    lines.append(f"| {title} | {b:.3f} | {f:.3f} | {(f - b) / full_gain:.0%} | {n:,} |")
+    rel = f"{(f - b) / full_gain:.0%}" if full_gain else "n/a"   # no gain to compare with (too few steps)
+    lines.append(f"| {title} | {b:.3f} | {f:.3f} | {rel} | {n:,} |")
   lines += ["", f"Command: `python benchmarks/lora_vs_full.py --workdir=WORKDIR --model={a.model} "
             f"--base_steps={a.base_steps} --steps={a.steps}` ({jax.default_backend()}, {time.time() - t0:.0f} s)."]
   with open(a.out, "w") as f:

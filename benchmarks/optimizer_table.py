@@ -6,7 +6,6 @@ bytes, trainable bytes and step time.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 
 import train_lib
-from benchmarks.preference_table import ROOT, get_config
+from benchmarks._common import get_config, train_base, transfer_args
 
 RUNS = (
     ("AdamW (full)", "lora.py", "adapter=none"),
@@ -39,17 +38,9 @@ def nbytes(tree) -> int:
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "optimizers.md"))
-  p.add_argument("--model", default="small")
-  p.add_argument("--base_steps", type=int, default=1000)
-  p.add_argument("--steps", type=int, default=400)
-  a = p.parse_args()
+  a = transfer_args("optimizers.md", base_steps=1000, steps=400)
   t0 = time.time()
-  base = os.path.join(a.workdir, "base")
-  if not os.path.exists(os.path.join(base, "summary.json")):
-    train_lib.train_and_evaluate(get_config("sft.py", f"model={a.model},task=sort,steps={a.base_steps}"), base)
+  base = train_base(a.workdir, a.model, a.base_steps)
   rows = []
   for title, cfg_file, arg in RUNS:
     cfg = get_config(cfg_file, ",".join(filter(None, [f"model={a.model}", arg])))

@@ -7,7 +7,6 @@ and after each run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -18,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 
 import train_lib
+from benchmarks._common import ROOT, get_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = (
     ("DPO (sigmoid)", "dpo.py", ""),
     ("IPO", "dpo.py", "loss_type=ipo"),
@@ -27,13 +26,6 @@ RUNS = (
     ("DPO-Kernels (rbf, KL, dpo_compatible)", "dpo_kernels.py", ""),
     ("DPO-Kernels (HMK, JS, dpo_compatible)", "dpo_kernels.py", "kernel=hmk,divergence=js"),
 )
-
-
-def get_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", name))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
 
 
 def main():

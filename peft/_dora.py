@@ -23,7 +23,7 @@ from peft._apply import AdapterSpec, adapter_node, input_dropout, register_adapt
 from peft._apply import static_field
 from peft._core import Adapter
 from peft._init import init_factors
-from peft._lora import LoRA, _stack, base_dtype
+from peft._lora import LoRA, LowRankFactors, _stack, base_dtype
 from peft._quant import float_weight, like_base
 
 
@@ -34,7 +34,7 @@ def column_norm(w: jax.Array) -> jax.Array:
 
 @register_hf_format
 @adapter_node
-class DoRA(Adapter):
+class DoRA(LowRankFactors, Adapter):
   base: Any                         # [..., in, out] kernel or QuantizedWeight
   a: jax.Array                      # [..., in, r]
   b: jax.Array                      # [..., r, out]
@@ -45,17 +45,6 @@ class DoRA(Adapter):
 
   trainable_fields = ("a", "b", "m")
   hf_peft_type = "LORA"
-
-  @property
-  def lead_shape(self) -> tuple[int, ...]:
-    return self.a.shape[:-2]
-
-  @property
-  def rank(self) -> int:
-    return self.a.shape[-1]
-
-  def delta(self, dtype=jnp.float32) -> jax.Array:
-    return self.scale * jnp.einsum("...ir,...ro->...io", self.a.astype(dtype), self.b.astype(dtype))
 
   def gain(self, w: jax.Array) -> jax.Array:
     """m / sg(||W0 + s A B||) [..., out]."""

@@ -40,18 +40,8 @@ def _pattern_value(pattern: dict, module: str, default):
   return default
 
 
-@register_hf_format
-@adapter_node
-class LoRA(Adapter):
-  base: Any                         # [..., in, out] kernel or QuantizedWeight
-  a: jax.Array                      # [..., in, r]
-  b: jax.Array                      # [..., r, out]
-  rng: Optional[jax.Array] = None   # [..., 2] dropout keys for this step (with_dropout_rng); None: no dropout
-  scale: float = static_field(default=1.0)
-  dropout: float = static_field(default=0.0)
-
-  trainable_fields = ("a", "b")
-  hf_peft_type = "LORA"
+class LowRankFactors:
+  """What the nodes holding `a [..., in, r]`, `b [..., r, out]` and a static `scale` share (LoRA, DoRA)."""
 
   @property
   def lead_shape(self) -> tuple[int, ...]:
@@ -64,6 +54,20 @@ class LoRA(Adapter):
   def delta(self, dtype=jnp.float32) -> jax.Array:
     """s A B [..., in, out]."""
     return self.scale * jnp.einsum("...ir,...ro->...io", self.a.astype(dtype), self.b.astype(dtype))
+
+
+@register_hf_format
+@adapter_node
+class LoRA(LowRankFactors, Adapter):
+  base: Any                         # [..., in, out] kernel or QuantizedWeight
+  a: jax.Array                      # [..., in, r]
+  b: jax.Array                      # [..., r, out]
+  rng: Optional[jax.Array] = None   # [..., 2] dropout keys for this step (with_dropout_rng); None: no dropout
+  scale: float = static_field(default=1.0)
+  dropout: float = static_field(default=0.0)
+
+  trainable_fields = ("a", "b")
+  hf_peft_type = "LORA"
 
   def dot(self, x):
     xd = input_dropout(x, self.dropout, self.rng)
