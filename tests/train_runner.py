@@ -7,9 +7,13 @@ Writes the final trainable params (flattened by path) and the last logged loss t
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np
 
@@ -30,6 +34,37 @@ def apply_overrides(config, overrides: dict):
       node = node[p]
     node[leaf] = val
   return config
+
+
+def env(devices: int = 1) -> dict:
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def run(spec: str, workdir, out, overrides: dict, devices: int = 1) -> dict:
+  """Runs a config to completion in a fresh process; returns the arrays it wrote to `out`."""
+  r = subprocess.run([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
+                     cwd=ROOT, env=env(devices), capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  with np.load(out) as f:
+    return dict(f)
+
+
+def kill_after_checkpoint(spec: str, workdir, out, overrides: dict, step: int, timeout: float = 600) -> None:
+  """Starts a run and SIGKILLs it as soon as checkpoint `step` is committed (orbax renames it into place)."""
+  proc = subprocess.Popen([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
+                          cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = os.path.join(str(workdir), "checkpoints")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    done = os.path.isdir(os.path.join(ckpts, str(step)))
+    if done and not any(n.startswith(f"{step}.") for n in os.listdir(ckpts)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(out), "a killed run must not have written its results"
 
 
 def main():
