@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None | xla | cudnn
 
-  c.data = data.default_config()         # every data option (see data/_dataset.py), commented there
+  c.data = data.default_config()         # every data option (see data/_config.py), commented there
   c.data.task = "sort"                    # built-in task
   c.seq_len = 32                          # tokens per row
   c.eval_split = "test"                   # held-out split for eval loss and exact match

@@ -25,7 +25,7 @@ Sources (`config.source`): builtin (sort, reverse, add), jsonl, parquet, tfds (a
 materialises a built-in task as a TFDS dataset.
 
 Modules: `_synthetic` tasks and CharTokenizer, `_sources` record sources, `_sft` record -> tokens and
-validation, `_packing` rows, `_pipeline` iterator, `_dataset` entry points, `_tfds` TFDS builder,
+validation, `_packing` rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_tfds` TFDS builder,
 `_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """

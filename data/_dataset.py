@@ -16,177 +16,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import ml_collections
-import numpy as np
-
-from data import _packing
-from data import _pref_synthetic
+from data import _config
+from data import _preference
 from data import _sft
-from data import _sources
 from data import _synthetic
+from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source  # noqa: F401  (public)
 from data._pipeline import SFTDataset
-
-SOURCES = ("builtin", "jsonl", "parquet", "tfds", "array_record", "hf")
-PREF_KINDS = _pref_synthetic.KINDS
-BUILTIN_TRAIN_SIZE = 50_000
-BUILTIN_EVAL_SIZE = 1_000
-
-
-_ph = ml_collections.config_dict.placeholder  # a None default that flags can still override
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every data option, with its default; `config.data` of an experiment is a copy with overrides."""
-  c = ml_collections.ConfigDict()
-  c.source = "builtin"       # one of SOURCES
-  # Built-in synthetic tasks (`data._synthetic`).
-  c.task = "sort"            # sort | reverse | add
-  c.min_digits = _ph(int)  # digits per number; None: the task's default (sort/reverse 3-6, add 1-4)
-  c.max_digits = _ph(int)
-  c.eval_fraction = 0.1      # share of all problems that belong to the held-out split
-  # How much data.
-  c.train_size = _ph(int)  # training records (problems); builtin: None = 50_000; files: None = all
-  c.eval_size = _ph(int)  # records of other splits; builtin: None = 1_000; files: None = all
-  c.data_seed = 0            # which problems / which subset; the order is `seed` of get_dataset
-  # Where the records are.
-  c.path = _ph(str)  # jsonl | parquet | array_record file (or glob); "{split}" -> split name
-  c.name = _ph(str)  # tfds builder ("synthetic_tasks/sort") or HF dataset name / path
-  c.data_dir = _ph(str)  # tfds / HF data_dir
-  c.hf_config = _ph(str)  # HF dataset configuration name
-  # Record fields.
-  c.prompt_field = "prompt"
-  c.response_field = "response"
-  c.messages_field = _ph(str)  # e.g. "messages": chat records rendered with the chat template
-  c.chat_template = _ph(str)  # jinja template; None: the tokenizer's
-  c.tokenizer = _ph(str)  # tokenizer directory; "char" = CharTokenizer (the default for builtin)
-  # Examples.
-  c.max_prompt_len = _ph(int)  # tokens kept from the end of the prompt
-  c.max_response_len = _ph(int)  # tokens kept from the start of the response
-  c.truncate = True          # cut responses to fit seq_len; False: such records are invalid
-  c.skip_invalid = False     # False: the first invalid record raises; True: skip and count per reason
-  c.packing = "first_fit"    # first_fit | greedy | none (one example per row); True/False also work
-  # Preference data (`data._preference`): [B, K, T] batches, one padded row per sequence, never packed.
-  c.pref_kind = _ph(str)  # None (SFT) | pairwise | unpaired | listwise
-  c.chosen_field = "chosen"          # pairwise: batch index 0
-  c.rejected_field = "rejected"      # pairwise: batch index 1
-  c.completion_field = "completion"  # unpaired
-  c.label_field = "label"            # unpaired: True / 1 = desirable
-  c.responses_field = "responses"    # listwise: a list of responses
-  c.scores_field = "scores"          # listwise: one number per response, higher is better, ties allowed
-  c.ranks_field = "ranks"            # listwise, read when a record has no scores: 1 = best; score = 1 - rank
-  c.ref_logps_field = _ph(str)  # precomputed reference log-probs: a
-                                     # field with one number per sequence, or "a,b" one field per sequence
-  c.list_size = 4                    # listwise K: shorter lists are padded (list_mask), longer are invalid
-  c.allow_identical = False          # pairwise: keep records whose chosen == rejected (else invalid)
-  c.unpaired_kl = True               # unpaired: K = 2, index 1 = the prompt with the previous example's
-                                     # completion (KTO's KL estimate); False: K = 1
-  c.desirable_fraction = 0.5         # builtin unpaired: share of correct completions
-  return c
-
-
-def _resolve(config) -> ml_collections.ConfigDict:
-  cfg = default_config()
-  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config or {})
-  unknown = sorted(set(given) - set(cfg))
-  if unknown:
-    raise ValueError(f"unknown data config keys {unknown}; valid: {', '.join(sorted(cfg))}")
-  if "packing" in given:
-    packing = given["packing"]
-    given["packing"] = {True: "first_fit", False: "none"}.get(packing, packing)
-    if given["packing"] not in _packing.MODES:
-      raise ValueError(f"unknown packing {packing!r}; valid: {', '.join(_packing.MODES)}, True, False")
-  for k, v in given.items():
-    cfg[k] = v
-  if cfg.source not in SOURCES:
-    raise ValueError(f"unknown data source {cfg.source!r}; valid: {', '.join(SOURCES)}")
-  if cfg.pref_kind is not None and cfg.pref_kind not in PREF_KINDS:
-    raise ValueError(f"unknown pref_kind {cfg.pref_kind!r}; valid: None (SFT), {', '.join(PREF_KINDS)}")
-  if cfg.source == "builtin":
-    _synthetic.get_task(cfg.task)  # raises with the valid names
-  elif cfg.source in ("jsonl", "parquet", "array_record") and not cfg.path:
-    raise ValueError(f"source={cfg.source!r} needs config.path")
-  elif cfg.source in ("tfds", "hf") and not cfg.name:
-    raise ValueError(f"source={cfg.source!r} needs config.name")
-  return cfg
-
-
-def _is_train(split: str) -> bool:
-  return split.startswith("train")
-
-
-def get_tokenizer(config):
-  """CharTokenizer for the built-in tasks (or `tokenizer="char"`), else `load_tokenizer(config.tokenizer)`."""
-  cfg = _resolve(config)
-  if cfg.tokenizer == "char" or (cfg.tokenizer is None and cfg.source == "builtin"):
-    return _synthetic.CharTokenizer()
-  if cfg.tokenizer is None:
-    raise ValueError(f"source={cfg.source!r} needs config.tokenizer (a tokenizer directory, or 'char')")
-  from data._tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
-  return load_tokenizer(cfg.tokenizer)
-
-
-def _file_path(cfg, split: str) -> str:
-  if "{split}" in cfg.path:
-    return cfg.path.format(split=split)
-  if not _is_train(split):
-    raise ValueError(f"config.path {cfg.path!r} has no '{{split}}' placeholder, so it cannot name the "
-                     f"{split!r} split; write e.g. 'data/{{split}}.jsonl'")
-  return cfg.path
-
-
-def make_source(config, split: str):
-  """The random-access record source of a split, before any subsetting."""
-  cfg = _resolve(config)
-  if cfg.source == "builtin":
-    canonical = _synthetic.canonical_split(split)
-    size = cfg.train_size if canonical == "train" else cfg.eval_size
-    size = size or (BUILTIN_TRAIN_SIZE if canonical == "train" else BUILTIN_EVAL_SIZE)
-    if cfg.pref_kind:
-      return _sources.ListSource(_builtin_preference(cfg, canonical, size),
-                                 f"builtin:{cfg.task}/{cfg.pref_kind}/{canonical}")
-    records = _synthetic.generate(cfg.task, canonical, size, seed=cfg.data_seed,
-                                  min_digits=cfg.min_digits, max_digits=cfg.max_digits,
-                                  eval_fraction=cfg.eval_fraction)
-    return _sources.ListSource(records, f"builtin:{cfg.task}/{canonical}")
-  if cfg.source == "jsonl":
-    return _sources.JsonlSource(_file_path(cfg, split))
-  if cfg.source == "parquet":
-    return _sources.ParquetSource(_file_path(cfg, split))
-  if cfg.source == "array_record":
-    return _sources.ArrayRecordSource(_file_path(cfg, split))
-  if cfg.source == "tfds":
-    return _sources.TfdsSource(cfg.name, split, cfg.data_dir)
-  return _sources.HFSource(cfg.name, split, config_name=cfg.hf_config, data_dir=cfg.data_dir)
-
-
-def _builtin_preference(cfg, split: str, size: int) -> list[dict]:
-  fields = {k: cfg[f"{k}_field"] for k in ("prompt", "chosen", "rejected", "completion", "label",
-                                            "responses", "scores")}
-  return _pref_synthetic.generate_preference(
-      cfg.task, split, size, cfg.pref_kind, seed=cfg.data_seed, list_size=cfg.list_size,
-      desirable_fraction=cfg.desirable_fraction, min_digits=cfg.min_digits, max_digits=cfg.max_digits,
-      eval_fraction=cfg.eval_fraction, fields=fields)
-
-
-def _indices(cfg, source, split: str) -> np.ndarray:
-  """All records, or a `data_seed`-chosen subset of `train_size` / `eval_size` (kept in file order)."""
-  n = len(source)
-  size = cfg.train_size if _is_train(split) else cfg.eval_size
-  if cfg.source == "builtin" or size is None or size >= n:
-    return np.arange(n)
-  return np.sort(np.random.default_rng(cfg.data_seed).permutation(n)[:size])
-
-
-def chat_setup(cfg, tokenizer) -> tuple[str | None, dict]:
-  """(chat template, its special-token variables) from the config or the tokenizer."""
-  template = cfg.chat_template or getattr(tokenizer, "chat_template", None)
-  # Template variables: `load_tokenizer`'s tokenizers keep {"bos": "<s>", "eos": "</s>", ...}.
-  specials = getattr(tokenizer, "special_tokens", None) or {}
-  return template, {f"{k}_token": v for k, v in specials.items() if v is not None}
 
 
 def _text_fn(cfg, tokenizer) -> Callable[[Any], tuple[str, str]]:
-  template, specials = chat_setup(cfg, tokenizer)
+  template, specials = _config.chat_setup(cfg, tokenizer)
   return lambda record: _sft.record_text(
       record, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
       messages_field=cfg.messages_field, chat_template=template, special_tokens=specials)
@@ -199,14 +38,13 @@ def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int,
   else one pass in order. Every record is read, checked and tokenized here, once.
 
   With `config.pref_kind` set, the preference batches of `data.get_preference_dataset` instead."""
-  cfg = _resolve(config)
+  cfg = _config.resolve(config)
   if cfg.pref_kind:
-    from data._preference import get_preference_dataset  # pylint: disable=g-import-not-at-top
-    return get_preference_dataset(cfg, split, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
+    return _preference.get_preference_dataset(cfg, split, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
                                   seed=seed, train=train, process_index=process_index,
                                   process_count=process_count)
-  train = _is_train(split) if train is None else train
-  source = make_source(cfg, split)
+  train = _config.is_train(split) if train is None else train
+  source = _config.make_source(cfg, split)
   text = _text_fn(cfg, tokenizer)
 
   def encode(record):
@@ -215,7 +53,7 @@ def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int,
                            max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                            truncate=cfg.truncate)
 
-  examples, report = _sft.build_examples(source, _indices(cfg, source, split), encode,
+  examples, report = _sft.build_examples(source, _config.indices(cfg, source, split), encode,
                                          skip_invalid=cfg.skip_invalid)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   return SFTDataset(examples, batch_size=batch_size, seq_len=seq_len, seed=seed, train=train,
@@ -232,21 +70,40 @@ def eval_examples(config, split: str, n: int | None = None
   `skip_invalid`, as in `get_dataset`. Preference data (`pref_kind`) gives its preferred responses
   (`data._preference.best_response`).
   """
-  cfg = _resolve(config)
+  cfg = _config.resolve(config)
   if cfg.pref_kind:
-    from data._preference import preference_generation_examples  # pylint: disable=g-import-not-at-top
     return preference_generation_examples(cfg, split, n)
   if cfg.source == "builtin" and n is not None:
     with cfg.unlocked():
       cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set
-  source = make_source(cfg, split)
-  tokenizer = get_tokenizer(cfg) if cfg.messages_field else None
+  source = _config.make_source(cfg, split)
+  tokenizer = _config.get_tokenizer(cfg) if cfg.messages_field else None
   text = _text_fn(cfg, tokenizer)
-  pairs, _ = _sft.build_examples(source, _indices(cfg, source, split)[:n], text,
+  pairs, _ = _sft.build_examples(source, _config.indices(cfg, source, split)[:n], text,
                                  skip_invalid=cfg.skip_invalid)
   if cfg.source == "builtin":
     return pairs, _synthetic.get_task(cfg.task).check
+  return pairs, _exact_match_verifier(pairs)
+
+
+def preference_generation_examples(config, split: str, n: int | None = None
+                                   ) -> tuple[list[tuple[str, str]], Callable[[str, str], bool]]:
+  """`data.eval_examples` for preference data: (prompt, best response) pairs and a verifier.
+
+  Built-in tasks give the SFT pairs of the same problems and the task's verifier; other sources the best
+  response of each of the first `n` records (unpaired: desirable records only) and exact match.
+  """
+  cfg = _preference.preference_config(config)
+  if cfg.source == "builtin":
+    return eval_examples({**cfg.to_dict(), "pref_kind": None}, split, n)
+  pairs = [(r.prompt, _preference.best_response(r)) for r in _preference.preference_eval_examples(cfg, split, n)]
+  pairs = [(p, a) for p, a in pairs if a is not None]
+  return pairs, _exact_match_verifier(pairs)
+
+
+def _exact_match_verifier(pairs) -> Callable[[str, str], bool]:
+  """check(prompt, response): the response equals one of the prompt's answers (a prompt may repeat)."""
   answers: dict[str, set] = {}
   for prompt, answer in pairs:
     answers.setdefault(prompt, set()).add(answer)
-  return pairs, lambda prompt, response: response in answers.get(prompt, ())
+  return lambda prompt, response: response in answers.get(prompt, ())

@@ -84,14 +84,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from data import _dataset
+from data import _config
 from data import _packing
 from data import _sft
 from data._pipeline import SFTDataset
 from data._sft import Example, SkipReport
 from data._sources import DataError
 
-KINDS = _dataset.PREF_KINDS
+KINDS = _config.PREF_KINDS
 PREF_REASONS = _sft.REASONS + ("identical_responses", "bad_label", "length_mismatch", "bad_score",
                                "too_few_responses", "list_too_long", "bad_ref_logps")
 
@@ -445,9 +445,9 @@ class PreferenceDataset(SFTDataset):
 # Entry points.
 # ------------------------------------------------------------------------------------------------
 
-def _config(config):
+def preference_config(config):
   """The resolved data config of a preference dataset; incompatible options raise here, before any work."""
-  cfg = _dataset._resolve(config)  # pylint: disable=protected-access
+  cfg = _config.resolve(config)
   if not cfg.pref_kind:
     raise ValueError(f"config.pref_kind is not set; valid: {', '.join(KINDS)}")
   if cfg.messages_field:
@@ -475,8 +475,8 @@ def _renderer(cfg, tokenizer=None) -> Render:
     if not setup:
       tok = tokenizer
       if tok is None and (cfg.tokenizer or cfg.source == "builtin"):
-        tok = _dataset.get_tokenizer(cfg)
-      setup.append(_dataset.chat_setup(cfg, tok))
+        tok = _config.get_tokenizer(cfg)
+      setup.append(_config.chat_setup(cfg, tok))
     template, specials = setup[0]
     if not template:
       raise ValueError("a record is in chat form (its prompt is a list of messages) but there is no chat "
@@ -490,9 +490,9 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
                            process_count: int = 1) -> PreferenceDataset:
   """[B, K, T] preference batches of a split: endless and shuffled when `train` (default: split
   "train..."), else one pass in order. Every record is read, checked and tokenized here, once."""
-  cfg = _config(config)
+  cfg = preference_config(config)
   train = split.startswith("train") if train is None else train
-  source = _dataset.make_source(cfg, split)
+  source = _config.make_source(cfg, split)
   fields, render, dropped = Fields.from_config(cfg), _renderer(cfg, tokenizer), collections.Counter()
 
   def encode(record):
@@ -504,7 +504,7 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
     dropped.update(d1 + d2)   # only for records that are kept
     return ex
 
-  indices = _dataset._indices(cfg, source, split)  # pylint: disable=protected-access
+  indices = _config.indices(cfg, source, split)
   examples, report = _sft.build_examples(source, indices, encode, skip_invalid=cfg.skip_invalid)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   return PreferenceDataset(examples, kind=cfg.pref_kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
@@ -519,14 +519,14 @@ def preference_eval_examples(config, split: str, n: int | None = None) -> list[P
   Record rules apply (invalid records raise, or are skipped with `skip_invalid`); the token rules
   (truncation to seq_len) apply when the records are laid out by `preference_batch`.
   """
-  cfg = _config(config)
+  cfg = preference_config(config)
   if cfg.source == "builtin" and n is not None:
     with cfg.unlocked():
       cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set
-  source = _dataset.make_source(cfg, split)
+  source = _config.make_source(cfg, split)
   fields, render = Fields.from_config(cfg), _renderer(cfg)
   records, _ = _sft.build_examples(
-      source, _dataset._indices(cfg, source, split)[:n],  # pylint: disable=protected-access
+      source, _config.indices(cfg, source, split)[:n],
       lambda r: record_preference(r, cfg.pref_kind, fields, render=render, list_size=cfg.list_size,
                                   allow_identical=cfg.allow_identical)[0],
       skip_invalid=cfg.skip_invalid)
@@ -537,7 +537,7 @@ def preference_batch(records: Sequence[PreferenceRecord], config, *, tokenizer,
                      seq_len: int) -> dict[str, np.ndarray]:
   """The [B, K, T] batch of `records` (from `preference_eval_examples`); a record the token rules
   reject raises a `DataError` naming its index."""
-  cfg = _config(config)
+  cfg = preference_config(config)
   examples = []
   for i, rec in enumerate(records):
     try:
@@ -559,21 +559,3 @@ def best_response(rec: PreferenceRecord) -> str | None:
   if rec.label is False:
     return None
   return rec.responses[0]
-
-
-def preference_generation_examples(config, split: str, n: int | None = None
-                                   ) -> tuple[list[tuple[str, str]], Callable[[str, str], bool]]:
-  """`data.eval_examples` for preference data: (prompt, best response) pairs and a verifier.
-
-  Built-in tasks give the SFT pairs of the same problems and the task's verifier; other sources the best
-  response of each of the first `n` records (unpaired: desirable records only) and exact match.
-  """
-  cfg = _config(config)
-  if cfg.source == "builtin":
-    return _dataset.eval_examples({**cfg.to_dict(), "pref_kind": None}, split, n)
-  pairs = [(r.prompt, best_response(r)) for r in preference_eval_examples(cfg, split, n)]
-  pairs = [(p, a) for p, a in pairs if a is not None]
-  answers: dict[str, set] = {}
-  for prompt, answer in pairs:
-    answers.setdefault(prompt, set()).add(answer)
-  return pairs, lambda prompt, response: response in answers.get(prompt, ())
