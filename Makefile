@@ -7,7 +7,7 @@ REF := .venv-ref
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test env ref-env bench clean
+.PHONY: demo test test-fast env ref-env bench clean
 
 env: $(VENV)/.installed
 $(VENV)/.installed: requirements/jax.txt
@@ -34,7 +34,11 @@ demo: env
 	  --config.model.init_workdir=$(WORKDIR)/sft --workdir=$(WORKDIR)/dpo
 
 test: env ref-env
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python -m pytest -n 2 --dist loadfile -q --durations=20 $(PYTEST_ARGS)
+
+# The inner loop: no parity tests (no reference environment needed) and no end-to-end training runs.
+test-fast: env
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/python -m pytest -n 2 --dist loadfile -q -m "not parity and not slow" $(PYTEST_ARGS)
 
 bench: env
 	$(VENV)/bin/python benchmarks/bench_train.py full_sft

@@ -10,7 +10,7 @@ One JSON line per (method, size) with the peer benchmark's `mode`, `size` and `p
 gradient the step also holds). Methods: full AdamW, GaLore rank 128 and 1024 (attention/MLP kernels
 projected), Fira (rank 128), FRUGAL (density 0.25), LISA (gamma 2), OwLore (gamma 5, GaLore rank 256) and
 LIFT (rank 128). Layer sampling keeps state for gamma blocks plus the embeddings, final norm and head only,
-and resets it at every draw (`peft/_sampling.py`), so these numbers hold for the whole run; the torch
+and resets it at every draw (`optim/_sampling.py`), so these numbers hold for the whole run; the torch
 references keep state for every block ever sampled. Step time and peak memory are `bench_train.py`'s job.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ from configs import lift as lift_config
 from configs import lisa as lisa_config
 from configs import owlore as owlore_config
 from configs import sft as sft_config
-from peft import _sampling as sampling
-from train_lib import optim
+
+import optim
 
 SIZES = {"tiny": "bench_tiny", "1b": "llama_1b", "7b": "llama2_7b"}
 GIB = 2.0 ** 30
@@ -63,7 +63,7 @@ def measure(config, cfg: models.DecoderConfig) -> dict:
   def trainable():
     params = model.init(jax.random.PRNGKey(0))
     if gamma is not None:
-      params = sampling.sample_layers(params, np.arange(gamma))
+      params = peft.sample_layers(params, np.arange(gamma))
     return peft.split(params)[0]
 
   abstract = jax.eval_shape(trainable)

@@ -26,7 +26,7 @@ import optax
 import losses
 import models
 import peft
-from train_lib import train as train_lib
+import train_lib
 
 SIZES = {"tiny": "bench_tiny", "1b": "llama_1b", "7b": "llama2_7b"}
 
@@ -60,21 +60,19 @@ def build(mode: str, size: str, remat: str):
     tx = optax.adamw(1e-4, weight_decay=0.0)
     trainable_weights = False
   elif mode == "galore_sft":   # galore-torch's peer: attn/mlp kernels projected, rank RANK, gap 200, scale 0.25
-    from peft._registry import get_optimizer
-    cfg = ml_collections.ConfigDict(dict(rank=int(os.environ.get("RANK", "128")), update_proj_gap=200,
-                                         scale=0.25, weight_decay=0.0))
-    tx = get_optimizer("galore")(1e-4, cfg)
+    import optim
+    tx = optim.get_optimizer("galore")(1e-4, rank=int(os.environ.get("RANK", "128")), update_proj_gap=200,
+                                       scale=0.25, weight_decay=0.0)
     trainable_weights = True
   elif mode == "owlore_sft":   # OwLore's footprint: GAMMA sampled blocks trained with GaLore (RANK), rest frozen
     import numpy as np
-    from peft import _sampling
-    from train_lib import optim
-    params = _sampling.sample_layers(params, np.arange(int(os.environ.get("GAMMA", "5"))))
+    import optim
+    params = peft.sample_layers(params, np.arange(int(os.environ.get("GAMMA", "5"))))
     cfg = ml_collections.ConfigDict(dict(
         name="adamw", learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip_norm=0.0,
-        rules=((r"layers/.*/slots", "galore"), (".*", "adamw")), projected=r"layers/(attn|mlp)/.*_proj/kernel/slots",
-        rank=int(os.environ.get("RANK", "256")), update_proj_gap=100, scale=1.0, proj_type="std", eps=1e-6,
-        weight_decay=0.0))
+        rules=((r"layers/.*/slots", "galore"), (".*", "adamw")),
+        galore=dict(projected=r"layers/(attn|mlp)/.*_proj/kernel/slots", rank=int(os.environ.get("RANK", "256")),
+                    update_proj_gap=100, scale=1.0, proj_type="std", eps=1e-6, weight_decay=0.0)))
     tx, _ = optim.make(cfg, peft.split(params)[0], 100)
     trainable_weights = True
   else:

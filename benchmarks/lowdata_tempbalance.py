@@ -76,8 +76,8 @@ def config_for(args, size: int, arm: str, seed: int):
 def _multipliers(summary):
   """(min, max, parameter-weighted mean) of the final layerwise LR multipliers, or None without them."""
   import jax   # pylint: disable=g-import-not-at-top
-  import peft   # pylint: disable=g-import-not-at-top
-  is_lr = lambda x: isinstance(x, peft.ScaleByLayerwiseLrState)
+  import optim   # pylint: disable=g-import-not-at-top
+  is_lr = lambda x: isinstance(x, optim.ScaleByLayerwiseLrState)
   states = [s for s in jax.tree.leaves(summary["state"].opt_state, is_leaf=is_lr) if is_lr(s)]
   if not states:
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 import data
+import optim
 import peft
 
 
@@ -36,7 +37,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every section a train config has; experiment files override what they change."""
   c = ml_collections.ConfigDict()
-  c.task = "train"                        # train | eval | merge | diagnose | export
+  c.task = "train"                        # train | eval | diagnose | export | sweep
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -65,19 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.async_checkpoints = True
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"                  # a peft optimizer registry name
-  c.optim.learning_rate = 1e-3            # peak
-  c.optim.warmup_steps = 50
-  c.optim.schedule = "cosine"             # cosine | linear | constant
-  c.optim.end_lr_ratio = 0.1
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip_norm = 1.0            # 0 disables
-  c.optim.grad_accum_steps = 1
-  c.optim.rules = ()                      # ((regex, optimizer name or None to freeze), ...); () = all one
+  # name, learning rate and schedule, clipping, accumulation, rules; then one section per registered
+  # optimizer with its options and their defaults (`--config.optim.galore.rank=64`), see optim/_factory.py.
+  c.optim = optim.default_config()
 
   c.peft = peft.default_config()          # adapters; method None = full fine-tuning (see peft/_apply.py)
 
@@ -86,20 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.z_loss = 0.0
 
   # HT-SR: alpha of every weight matrix every `esd_interval` steps (TensorBoard `alpha/block_<l>`), and
-  # TempBalance / Model Balancing layerwise learning rates from those alphas.
-  c.tempbalance = ml_collections.ConfigDict()
-  c.tempbalance.enabled = False
-  c.tempbalance.esd_interval = 0          # steps between ESD fits; 0 = never (TempBalance needs > 0)
-  c.tempbalance.esd_preset = "tempbalance"  # tempbalance | model_balancing | weightwatcher (xmin rule etc.)
-  c.tempbalance.assign = "tb_linear_map"  # tb_linear_map | tb_sqrt | tb_log2 | tb_step | sigmoid | ...
-  c.tempbalance.granularity = "layer"     # layer (per matrix) | block (mean alpha per decoder block)
-  c.tempbalance.lr_min_ratio = 0.5        # linear map: s1
-  c.tempbalance.lr_slope = 1.0            # linear map: s2 - s1
-  c.tempbalance.sigmoid_min = 2.0         # Model Balancing sigmoid: s_min
-  c.tempbalance.sigmoid_max = 1.0         # Model Balancing sigmoid: s_max
-  c.tempbalance.exp_temp = 10.0           # Model Balancing sigmoid: temperature
-  c.tempbalance.normalize = False         # rescale multipliers to mean 1
-  c.tempbalance.eigs_thresh = 50          # matrices with fewer eigenvalues keep the base LR
+  # TempBalance / Model Balancing layerwise learning rates from those alphas. Every field with its default
+  # and meaning: optim/_tempbalance.py (RunConfig, TempBalanceConfig).
+  c.tempbalance = optim.tempbalance_default_config()
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -35,11 +35,14 @@ def get_config(arg=None):
   c.loss.renyi_a = 1.01
   c.loss.wasserstein_k = 32
   c.loss.hmk_entropy_coef = 0.0
-  c.select = ml_collections.ConfigDict()   # task=select_kernels: the sweep over kernel x divergence pairs
-  c.select.kernels = ("polynomial", "rbf", "spectral", "mahalanobis")
-  c.select.divergences = ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "f")
-  c.select.steps = 50 if not arg.smoke else 2     # training steps per pair
-  c.select.metric = "rewards/margins"      # held-out metric to maximise (e.g. exact_match, ranking_accuracy)
+  # task=sweep (`select`): a short run per kernel x divergence pair, scored on the validation split.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.grid = (("loss.kernel", ("polynomial", "rbf", "spectral", "mahalanobis")),
+                  ("loss.divergence", ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "f")))
+  c.sweep.steps = 50 if not arg.smoke else 2      # training steps per pair
+  c.sweep.metric = "rewards/margins"       # held-out metric to maximise (e.g. exact_match, ranking_accuracy)
+  c.sweep.higher_is_better = True
+  c.sweep.output_file = "selection.md"
   if arg.select:
-    c.task = "select_kernels"
+    c.task = "sweep"
   return c

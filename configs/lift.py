@@ -7,7 +7,7 @@ r"""LIFT: sparse fine-tuning of the principal weights (largest entries of each k
 
 Liu et al., *LIFT the Veil for the Truth* (ICML 2025), `zihanghliu/LIFT`: every attention/MLP kernel trains
 its k = (in + out) * rank entries of largest |W_r| (W_r its rank-`filter_rank` SVD), re-picked every
-`update_interval` steps, with Adam state for those entries only (`peft/_lift.py`); biases, norms, embeddings
+`update_interval` steps, with Adam state for those entries only (`optim/_lift.py`); biases, norms, embeddings
 and the head are frozen (`--no_grad head`). The reference runs Llama-2-7B with rank 128, filter_rank 64,
 update_interval 400, betas (0.9, 0.95), eps 1e-6, lr 2e-4; on the 192-wide `small` model rank 128 would select
 every entry, so pass a small rank there (as above).
@@ -24,14 +24,15 @@ def get_config(arg=None):
   c.optim.rules = ((r"layers/(attn|mlp)/.*_proj/kernel", "lift"),
                    (r"(embed|lm_head|final_norm)/.*", "adamw" if arg.train_head else None),
                    (".*", None))
-  c.optim.lift_rank = arg.rank                       # k = (in + out) * rank entries per kernel (LoRA's count)
-  c.optim.filter_rank = arg.filter_rank              # rank of the approximation that picks them
-  c.optim.update_interval = 400                      # steps between re-picks
-  c.optim.lift_targets = r"layers/(attn|mlp)/.*_proj/kernel"
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-6
+  o = c.optim.lift
+  o.rank = arg.rank                                  # k = (in + out) * rank entries per kernel (LoRA's count)
+  o.filter_rank = arg.filter_rank                    # rank of the approximation that picks them
+  o.update_interval = 400                            # steps between re-picks
+  o.targets = r"layers/(attn|mlp)/.*_proj/kernel"
+  o.b2 = 0.95                                        # the reference's betas (0.9, 0.95) and eps 1e-6
+  o.eps = 1e-6
   if arg.smoke:
-    c.optim.lift_rank = min(arg.rank, 4)
-    c.optim.filter_rank = min(arg.filter_rank, 8)
-    c.optim.update_interval = 4
+    o.rank = min(arg.rank, 4)
+    o.filter_rank = min(arg.filter_rank, 8)
+    o.update_interval = 4
   return c

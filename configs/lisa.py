@@ -9,7 +9,7 @@ r"""LISA: full-weight fine-tuning of gamma decoder blocks at a time, redrawn uni
 Pan et al., *LISA: Layerwise Importance Sampling for Memory-Efficient Large Language Model Fine-Tuning*
 (arXiv 2403.17919), LMFlow's `lisa_activated_layers=2`, `lisa_interval_steps=20`. The embeddings, final norm
 and head always train; the optimizer state of the blocks exists for gamma blocks only and restarts with
-every draw (`peft/_sampling.py`). Any loss works through the same trainer (`--config.loss.name=...` with the
+every draw (`optim/_sampling.py`). Any loss works through the same trainer (`--config.loss.name=...` with the
 matching `--config.data.pref_kind`); a preference loss's reference is a frozen copy of the start weights.
 """
 import ml_collections
@@ -22,7 +22,7 @@ def get_config(arg=None):
   arg = parse_arg(arg, model="small", task="reverse", gamma=2, steps=1000, smoke=False)
   c = sft.get_config(f"model={arg.model},task={arg.task},steps={arg.steps}" + (",smoke" if arg.smoke else ""))
   c.sampling = ml_collections.ConfigDict(dict(
-      method="lisa",             # lisa | owlore | owlore_alpha | hft (peft._registry.hook_names())
+      method="lisa",             # lisa | owlore | owlore_alpha | hft (hooks.hook_names())
       gamma=arg.gamma,           # blocks trained at a time (LMFlow default 2)
       interval_steps=20,         # K: steps between draws (LMFlow argparse 20; its run_lisa.sh uses 3)
       prob_mode="uniform",       # uniform | increase | decrease (score-based modes: configs/owlore.py)

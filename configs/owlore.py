@@ -40,18 +40,19 @@ def get_config(arg=None):
   # GaLore on the slots' attention/MLP kernels (their norm scales get its plain Adam); the rest gets AdamW.
   # The slots' optimizer is their own, so its state (projectors, moments, count) restarts with every draw.
   c.optim.rules = ((r"layers/.*/slots", "galore"), (".*", "adamw"))
-  c.optim.projected = r"layers/(attn|mlp)/.*_proj/kernel/slots"
-  c.optim.rank = arg.rank                # clipped per kernel to min(in, out)
-  c.optim.update_proj_gap = 100
-  c.optim.scale = 1.0
-  c.optim.proj_type = "std"
-  c.optim.eps = 1e-6
-  c.optim.weight_decay = 0.0
+  g = c.optim.galore
+  g.projected = r"layers/(attn|mlp)/.*_proj/kernel/slots"
+  g.rank = arg.rank                      # clipped per kernel to min(in, out)
+  g.update_proj_gap = 100
+  g.scale = 1.0
+  g.proj_type = "std"
+  g.eps = 1e-6
+  g.weight_decay = 0.0
   if arg.smoke:
     c.sampling.gamma = arg.gamma or 1
     c.sampling.interval_steps = 4
     c.sampling.calibration_batches = 1
     c.sampling.eigs_thresh = 8
-    c.optim.rank = min(arg.rank, 8)
-    c.optim.update_proj_gap = 4
+    g.rank = min(arg.rank, 8)
+    g.update_proj_gap = 4
   return c

@@ -29,8 +29,8 @@ validation, `_packing` rows, `_pipeline` iterator, `_config` the config and sour
 `_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
-from data._dataset import (PREF_KINDS, SOURCES, default_config, eval_examples, get_dataset, get_tokenizer,
-                           make_source)
+from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source
+from data._dataset import eval_examples, get_dataset, preference_generation_examples
 from data._packing import FIELDS, MODES, pack
 from data._pipeline import BatchIterator, SFTDataset
 from data._pref_synthetic import corrupt, generate_preference, wrong_digits

@@ -20,7 +20,6 @@ from data import _config
 from data import _preference
 from data import _sft
 from data import _synthetic
-from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source  # noqa: F401  (public)
 from data._pipeline import SFTDataset
 
 

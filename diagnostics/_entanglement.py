@@ -14,9 +14,13 @@ under `lax.map`, so memory holds one pair's two gradients at a time, not n_pairs
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+import hooks
+import losses
 import peft
 
 MODEL_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -62,8 +66,6 @@ def entanglement(model, trainable, frozen, batch, n_pairs: int = 4, d_ratio: flo
      "entanglement/cosine", "entanglement/chosen_falls", "entanglement/rejected_rises"}: float32 scalars
     (the last two are fractions of pairs).
   """
-  from train_lib.train import model_outputs  # pylint: disable=g-import-not-at-top  (train_lib imports us)
-
   n = min(int(n_pairs), batch["inputs"].shape[0])
   pairs = {k: batch[k][:n] for k in MODEL_KEYS if batch.get(k) is not None}
 
@@ -71,7 +73,7 @@ def entanglement(model, trainable, frozen, batch, n_pairs: int = 4, d_ratio: flo
     ex = jax.tree.map(lambda x: x[None], pair)             # [1, 2, T]
 
     def logps(t):
-      return model_outputs(model, peft.combine(t, frozen), ex)["logps"][0]   # [2]
+      return losses.model_outputs(model, peft.combine(t, frozen), ex)["logps"][0]   # [2]
 
     g = jax.jacrev(logps)(trainable)                       # leaves [2, ...]
     g_w, g_l = jax.tree.map(lambda x: x[0], g), jax.tree.map(lambda x: x[1], g)
@@ -82,3 +84,16 @@ def entanglement(model, trainable, frozen, batch, n_pairs: int = 4, d_ratio: flo
   if per_pair:
     out["per_pair"] = stats
   return out
+
+
+def _enabled(config) -> bool:
+  return bool(config.get("entanglement_every_steps")) and config.data.get("pref_kind") == "pairwise"
+
+
+@hooks.register_hook("entanglement", enabled=_enabled)
+def _entanglement_hook(config, model) -> hooks.HostHook:
+  """Every `config.entanglement_every_steps` steps of a pairwise run, before the step: the entanglement of
+  the gradients that step is about to use, logged as `entanglement/*`."""
+  fn = jax.jit(functools.partial(entanglement, model, n_pairs=4))
+  return hooks.HostHook(every=int(config.entanglement_every_steps),
+                        observe=lambda step, state, frozen, batch: jax.device_get(fn(state.params, frozen, batch)))

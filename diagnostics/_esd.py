@@ -44,6 +44,9 @@ METRICS = ("alpha_weighted", "log_alpha_norm", "spectral_norm", "norm", "stable_
            "eig_ratio")
 
 
+ESD_PRESETS = ("tempbalance", "model_balancing", "weightwatcher")   # the EsdConfig classmethods
+
+
 @dataclasses.dataclass(frozen=True)
 class EsdConfig:
   """How spectra are fitted and which matrices are analysed. Saved with every record."""
@@ -323,3 +326,25 @@ def summary(records) -> dict:
   used = [r.alpha for r in records if r.skipped is None]
   return {"htsr/alpha_mean": float(np.mean(used)) if used else float("nan"),
           "htsr/num_fitted": len(used), "htsr/num_skipped": len(records) - len(used)}
+
+
+def _leaf_of(params, path):
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=peft.is_adapter)
+  for p, x in flat:
+    if peft.path_str(p) == path:
+      return x
+  raise KeyError(path)
+
+
+def record_spectrum(params, record, config: EsdConfig, init_params=None) -> np.ndarray:
+  """The ascending eigenvalues the record was fitted on (the same matrix, slice and precision)."""
+  leaf = _leaf_of(params, record.path)
+  init = None
+  if config.esd_type == "cul":
+    init = {record.path: _leaf_of(init_params, record.path)}
+  w, why = _matrix(record.path, leaf, config, init)
+  if w is None:
+    raise ValueError(f"{record.path}: no matrix to plot ({why})")
+  if is_stacked(record.path, config):
+    w = w[record.layer]
+  return np.asarray(esd(w, config.precision), np.float64)

@@ -1,9 +1,11 @@
 """SFT and preference losses: pure functions with one signature, picked by name.
 
-    entry = losses.get(config.loss.name)   # .fn, .needs, .kind
+    entry = losses.get(config.loss.name)   # .fn, .needs_for(cfg), .kind, .init_params(...)
+    policy = losses.model_outputs(model, params, batch, entry.needs_for(config.loss))
     loss, metrics = entry.fn(policy, reference, batch, config.loss)
 """
-from losses._registry import NEEDS, LossEntry, Outputs, get, names, register
+from losses._registry import NEEDS, LossEntry, LossParams, Outputs, get, names, register
+from losses._outputs import model_outputs
 from losses import _sft  # noqa: F401  (registers nll)
 from losses._sft import masked_mean, nll_loss
 from losses._sft_variants import asft_loss, conf_limited_loss, dft_loss, poft_loss, token_kl

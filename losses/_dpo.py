@@ -264,7 +264,8 @@ def _check(loss_types, weights, f_type, eps, use_weighting):
     raise ValueError("use_weighting (WPO) does not apply to aot losses: they sort the batch")
 
 
-@register("dpo", needs=("reference",), kind="pairwise")
+@register("dpo", needs=("reference",), kind="pairwise",
+          needs_fn=lambda cfg: ("log_sum_sq_probs",) if cfg.get("use_weighting", False) else ())
 def dpo_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array],
              batch: Mapping[str, Any], cfg) -> tuple[jax.Array, dict]:
   """TRL's DPO loss family; `cfg`: loss_type, loss_weights, beta, label_smoothing, f_divergence_type,

@@ -28,8 +28,9 @@ Embeddings (`cfg.embedding_source`):
 Kernels (`cfg.kernel`): polynomial (poly_c = 1, poly_degree = 2), rbf (rbf_sigma = 1), spectral
 (spectral_lambdas = (1,), spectral_alphas = (1,)), mahalanobis (factor L from
 `batch["hmk_params"]["maha_chol"]` if given, else I; maha_eps = 1e-6), or hmk. The HMK parameters are
-trainable: the trainer keeps `init_hmk_params(dim)` in its trainable tree and passes them to the loss as
-`batch["hmk_params"]` inside the differentiated function, so they receive gradients with the policy.
+trainable: the loss declares them at registration (`LossParams("hmk_params", ...)`), so the trainer keeps
+`init_hmk_params(dim)` in its trainable tree and passes them to the loss as `batch["hmk_params"]` inside the
+differentiated function, where they receive gradients with the policy.
 `hmk_entropy_coef` (default 0) subtracts coef * entropy of the mixture weights (form unverified).
 
 Divergences (`cfg.divergence`): kl, js, hellinger, renyi (renyi_a = 1.01), bhattacharyya, wasserstein
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 from losses import _divergences as div
 from losses import _kernels as ker
 from losses._dpo import reward_metrics
-from losses._registry import register
+from losses._registry import LossParams, register
 
 MODES = ("faithful", "dpo_compatible")
 EMBEDDING_SOURCES = ("policy_hidden", "reference_hidden", "batch")
@@ -117,7 +118,13 @@ def divergence_term(cfg, policy, reference, batch):
   return div.divergence(name, logp, logq, renyi_a=cfg.get("renyi_a", 1.01), f=f, **extra)
 
 
-@register("dpo_kernels", needs=("reference", "embeddings", "last_logits"), kind="pairwise")
+def _init_loss_params(cfg, hidden_size: int, rng):
+  """HMK trains its kernel-mixture parameters; the other kernels train none."""
+  return ker.init_hmk_params(hidden_size, rng) if cfg.get("kernel") == "hmk" else None
+
+
+@register("dpo_kernels", needs=("reference", "embeddings", "last_logits"), kind="pairwise",
+          params=LossParams("hmk_params", _init_loss_params))
 def dpo_kernels_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array],
                      batch: Mapping[str, Any], cfg):
   """DPO-Kernels; see the module docstring for `cfg`."""

@@ -16,22 +16,35 @@ trainer computes only those):
     prompt_embeddings [B, K, D]  mean over prompt tokens (mask==0, segment!=0)                "embeddings"
     last_logits  [B, K, V]     logits at the last completion token (log_softmax-able)         "last_logits"
     logits       [B, K, T, V]  all logits (memory heavy: ASFT's full-vocabulary KL)           "logits"
+    log_sum_sq_probs [B, K, T] log sum_v p_v^2 per token (WPO's weights)                        "log_sum_sq_probs"
 
-`reference` is None when the loss does not declare "reference" in `needs`. `batch` is the model batch
+`reference` is None when the loss does not declare "reference" in `needs`. Outputs that only some settings
+need are declared by `needs_fn(cfg)` (WPO's weights when `use_weighting`). `losses.model_outputs` computes
+them.
+
+A loss that trains parameters of its own declares them with `params=LossParams(batch_key, init)`:
+`init(cfg, hidden_size, rng)` returns their initial pytree (or None when this configuration trains none);
+the trainer keeps them in the trainable tree and hands them to the loss, inside the differentiated
+function, as `batch[batch_key]`. `batch` is the model batch
 (tokens etc. with a [B, K, T] layout) plus task fields (e.g. `scores` [B, K] for lists, `label` [B] for
 unpaired data, `list_mask` [B, K]). `cfg` is the `config.loss` ConfigDict. Metrics use TRL's names.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 
 Outputs = Mapping[str, jax.Array]
 LossFn = Callable[[Outputs, Outputs | None, Mapping[str, Any], Any], tuple[jax.Array, dict]]
 
-NEEDS = ("reference", "logz", "embeddings", "last_logits", "logits")
+NEEDS = ("reference", "logz", "embeddings", "last_logits", "logits", "log_sum_sq_probs")
+
+
+class LossParams(NamedTuple):
+  batch_key: str                                   # where the loss reads them: batch[batch_key]
+  init: Callable[[Any, int, jax.Array], Any]       # (cfg, hidden_size, rng) -> pytree or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +54,27 @@ class LossEntry:
   needs: frozenset
   kind: str          # "sft" | "pairwise" | "unpaired" | "listwise"
   carry: tuple = ()  # ((metric name, batch field), ...): running state the trainer feeds back each step
+  needs_fn: Optional[Callable[[Any], Any]] = None   # cfg -> extra needs of this configuration
+  params: Optional[LossParams] = None               # parameters the loss trains
+
+  def needs_for(self, cfg) -> frozenset:
+    """The outputs this loss needs under `cfg` (`config.loss`)."""
+    extra = set(self.needs_fn(cfg)) if self.needs_fn is not None else set()
+    unknown = extra - set(NEEDS)
+    if unknown:
+      raise ValueError(f"loss {self.name!r} needs unknown outputs {sorted(unknown)}; valid: {NEEDS}")
+    return frozenset(self.needs) | frozenset(extra)
+
+  def init_params(self, cfg, hidden_size: int, rng) -> Any:
+    """The initial parameters this loss trains under `cfg`, or None."""
+    return None if self.params is None else self.params.init(cfg, hidden_size, rng)
 
 
 _REGISTRY: dict[str, LossEntry] = {}
 
 
-def register(name: str, *, needs=(), kind: str = "pairwise", carry=()):
+def register(name: str, *, needs=(), kind: str = "pairwise", carry=(), needs_fn=None,
+             params: Optional[LossParams] = None):
   """Decorator: `@register("dpo", needs=("reference",))`.
 
   `carry` lists (metric, batch field) pairs: the trainer puts the value a step returned as `metric` into the
@@ -58,7 +86,7 @@ def register(name: str, *, needs=(), kind: str = "pairwise", carry=()):
   def deco(fn):
     if name in _REGISTRY:
       raise ValueError(f"loss {name!r} registered twice")
-    _REGISTRY[name] = LossEntry(name, fn, frozenset(needs), kind, tuple(carry))
+    _REGISTRY[name] = LossEntry(name, fn, frozenset(needs), kind, tuple(carry), needs_fn, params)
     return fn
   return deco
 

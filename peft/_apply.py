@@ -25,179 +25,23 @@ and the node's `dot` draws its mask from it. Nodes without a key (eval, the refe
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import zlib
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from peft._core import Adapter, is_adapter, map_with_path
+from peft import _init
+from peft._core import is_adapter, map_with_path
+from peft._lora import LoRA
+from peft._node import AdapterSpec, get_adapter, adapter_names
+from peft._quant import KINDS, QuantizedWeight, float_weight, like_base, quantize_params
+from peft._targets import as_targets, match_targets, target_regex
 
 Params = Any
-AdapterFactory = Callable[..., Adapter]
-_ADAPTERS: dict[str, AdapterFactory] = {}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Node helpers
-# ---------------------------------------------------------------------------------------------------
-def static_field(**kw):
-  """A field that is tree structure (rank, scale, dropout rate...), not a leaf."""
-  return flax.struct.field(pytree_node=False, **kw)
-
-
-def adapter_node(cls):
-  """`flax.struct.dataclass` for adapter nodes.
-
-  `peft.split` replaces every non-trainable field by None, static metadata included; metadata is tree
-  structure rather than a value, so such a None is dropped here instead of stored (else the trainable and
-  frozen trees would disagree on their structure).
-  """
-  cls = flax.struct.dataclass(cls)
-  static = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("pytree_node", True)}
-
-  def replace(self, **updates):
-    return dataclasses.replace(self, **{k: v for k, v in updates.items() if not (k in static and v is None)})
-
-  cls.replace = replace
-  return cls
-
-
-def input_dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
-  """Inverted dropout of the adapter path's input; identity without a key (eval) or at rate 0."""
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Specs and the registry
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class AdapterSpec:
-  """What to put on a matched kernel. `options` holds method-specific settings (e.g. IA3's
-  `feedforward`)."""
-  method: str = "lora"
-  rank: int = 8
-  alpha: float = 8.0
-  dropout: float = 0.0
-  init: str = "default"
-  use_rslora: bool = False          # s = alpha / sqrt(r) instead of alpha / r
-  dtype: str = "float32"            # of the trainable parts (PEFT keeps adapters in float32)
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-  def replace(self, **kw) -> "AdapterSpec":
-    return dataclasses.replace(self, **kw)
-
-
-def register_adapter(name: str):
-  """Registers `fn(base, spec, rng, path) -> Adapter` under `name` (what `config.peft.method` names)."""
-  def deco(fn):
-    if name in _ADAPTERS:
-      raise ValueError(f"adapter {name!r} registered twice")
-    _ADAPTERS[name] = fn
-    return fn
-  return deco
-
-
-def get_adapter(name: str) -> AdapterFactory:
-  if name not in _ADAPTERS:
-    raise ValueError(f"unknown adapter method {name!r}; valid: {', '.join(adapter_names())}")
-  return _ADAPTERS[name]
-
-
-def adapter_names() -> list[str]:
-  return sorted(_ADAPTERS)
-
-
-# HF PEFT formats: node classes that `export_adapter` / `import_adapter` can write and read. A class sets
-# `hf_peft_type`, `hf_tensors(self)` (one unstacked node -> {suffix: torch-layout array}),
-# `hf_config(cls, nodes, spec)` (the adapter_config.json fields) and `from_hf(cls, base, layers, config,
-# module)`, plus `hf_accepts(cls, config)` to choose between classes of one peft_type (LoRA vs DoRA).
-HF_FORMATS: dict[str, list[type]] = {}
-
-
-def register_hf_format(cls):
-  HF_FORMATS.setdefault(cls.hf_peft_type, []).append(cls)
-  return cls
-
-
-# ---------------------------------------------------------------------------------------------------
-# Targets
-# ---------------------------------------------------------------------------------------------------
-# HF module names -> our kernel paths (see models/_decoder.py).
-HF_MODULES = {
-    "q_proj": "layers/attn/q_proj/kernel", "k_proj": "layers/attn/k_proj/kernel",
-    "v_proj": "layers/attn/v_proj/kernel", "o_proj": "layers/attn/o_proj/kernel",
-    "gate_proj": "layers/mlp/gate_proj/kernel", "up_proj": "layers/mlp/up_proj/kernel",
-    "down_proj": "layers/mlp/down_proj/kernel", "lm_head": "lm_head/kernel",
-}
-_HF_PARENTS = {"self_attn": "attn", "mlp": "mlp"}
-_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-
-
-def target_regex(target: str) -> str:
-  """One target (HF module name, 'all-linear' or a regex) -> a regex over kernel paths."""
-  if target == "all-linear":
-    return r"(?!lm_head/).*/kernel"
-  if _NAME.fullmatch(target):
-    parts = target.split(".")
-    parts = [_HF_PARENTS.get(p, p) for p in parts[:-1]] + parts[-1:]
-    return r"(.*/)?" + re.escape("/".join(parts)) + r"/kernel"
-  return target
-
-
-def kernel_paths(params: Params) -> list[str]:
-  """Paths of the leaves adapters can wrap: arrays of rank >= 2 ending in '/kernel', and existing nodes."""
-  out = []
-  def visit(path, leaf):
-    if is_adapter(leaf) or (getattr(leaf, "ndim", 0) >= 2 and path.endswith("/kernel")):
-      out.append(path)
-    return leaf
-  map_with_path(visit, params, is_leaf=is_adapter)
-  return out
-
-
-def _as_targets(key) -> tuple[str, ...]:
-  if isinstance(key, str):
-    return tuple(t.strip() for t in key.split(",") if t.strip()) if _is_name_list(key) else (key,)
-  return tuple(key)
-
-
-def _is_name_list(s: str) -> bool:
-  """'q_proj,v_proj' (a config string) rather than one regex."""
-  return all(_NAME.fullmatch(t.strip()) or t.strip() == "all-linear" for t in s.split(",") if t.strip())
-
-
-def match_targets(params: Params, spec: Mapping) -> dict[str, AdapterSpec]:
-  """{kernel path: spec} for the paths the spec's targets select (first target wins). Raises on a target
-  that matches no kernel, listing the kernels and module names that exist."""
-  paths = kernel_paths(params)
-  rules = []
-  for key, s in spec.items():
-    for t in _as_targets(key):
-      rules.append((t, re.compile(target_regex(t)), s))
-  chosen, hits = {}, {t: 0 for t, _, _ in rules}
-  for p in paths:
-    for t, rx, s in rules:
-      if rx.fullmatch(p):
-        hits[t] += 1
-        chosen.setdefault(p, s)
-  missing = [t for t, n in hits.items() if n == 0]
-  if missing:
-    raise ValueError(f"adapter target(s) {missing} match no kernel; kernels: {paths}; module names: "
-                     f"{', '.join(HF_MODULES)}, all-linear")
-  return chosen
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,8 +60,6 @@ def apply(params: Params, spec: Mapping[Union[str, Sequence[str]], AdapterSpec],
     spec: {target or tuple of targets: AdapterSpec}, in priority order.
     rng: key for random initialisations (default PRNGKey(0)); each kernel folds its path in.
   """
-  from peft import _init   # pylint: disable=g-import-not-at-top  (registers the inits)
-  from peft._quant import QuantizedWeight   # pylint: disable=g-import-not-at-top
   rng = jax.random.PRNGKey(0) if rng is None else rng
   for s in spec.values():
     get_adapter(s.method)
@@ -261,8 +103,6 @@ def residual_to_lora(params: Params, initial: Params) -> Params:
   original base: W = W_res + s A0 B0 and rank-2r factors [A | A0], [B ; -B0], since
   W_res + s A B = W + s (A B - A0 B0). The scale stays s (PEFT doubles r and alpha, or multiplies alpha by
   sqrt(2) with rsLoRA). `initial` is the adapted tree before training (e.g. the step-0 params)."""
-  from peft._lora import LoRA   # pylint: disable=g-import-not-at-top
-  from peft._quant import float_weight, like_base   # pylint: disable=g-import-not-at-top
   init_nodes = {}
   map_with_path(lambda p, l: init_nodes.setdefault(p, l), initial, is_leaf=is_adapter)
 
@@ -311,8 +151,6 @@ def spec_from_config(cfg) -> AdapterSpec:
 
 def check_config(cfg) -> None:
   """Fails at once on an unknown method, init or quantisation, listing the valid names."""
-  from peft import _init   # pylint: disable=g-import-not-at-top
-  from peft._quant import KINDS   # pylint: disable=g-import-not-at-top
   if cfg is None:
     return
   if cfg.get("method") is not None:
@@ -337,12 +175,11 @@ def apply_config(params: Params, cfg, rng: Optional[jax.Array] = None) -> Params
   check_config(cfg)
   if cfg is None or cfg.get("method") is None:
     return params
-  from peft._quant import quantize_params   # pylint: disable=g-import-not-at-top
   targets = cfg.get("targets", "q_proj,v_proj")
-  targets = _as_targets(targets) if isinstance(targets, str) else tuple(targets)
+  targets = as_targets(targets) if isinstance(targets, str) else tuple(targets)
   if cfg.get("quantize") is not None:
     qt = cfg.get("quantize_targets", "all-linear")
-    qt = _as_targets(qt) if isinstance(qt, str) else tuple(qt)
+    qt = as_targets(qt) if isinstance(qt, str) else tuple(qt)
     rxs = [re.compile(target_regex(t)) for t in qt]
     params = quantize_params(params, lambda p: any(rx.fullmatch(p) for rx in rxs), cfg.quantize,
                              int(cfg.get("quant_block_size", 64)))

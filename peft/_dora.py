@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft._apply import AdapterSpec, adapter_node, input_dropout, register_adapter, register_hf_format
-from peft._apply import static_field
+from peft._node import AdapterSpec, adapter_node, input_dropout, register_adapter, register_hf_format
+from peft._node import static_field
 from peft._core import Adapter
 from peft._init import init_factors
 from peft._lora import LoRA, LowRankFactors, _stack, base_dtype

@@ -32,7 +32,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from peft._apply import HF_FORMATS, AdapterSpec, residual_to_lora, spec_from_config
+from peft._apply import residual_to_lora, spec_from_config
+from peft._node import HF_FORMATS, AdapterSpec
 from peft._core import is_adapter, map_with_path
 from peft._init import is_residual
 from peft._quant import QuantizedWeight

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft._apply import AdapterSpec, adapter_node, register_adapter, register_hf_format, static_field
-from peft._apply import target_regex
+from peft._node import AdapterSpec, adapter_node, register_adapter, register_hf_format, static_field
+from peft._targets import target_regex
 from peft._core import Adapter, dot
 from peft._lora import _stack, base_dtype
 from peft._quant import float_weight

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft._apply import (AdapterSpec, adapter_node, input_dropout, register_adapter, register_hf_format,
+from peft._node import (AdapterSpec, adapter_node, input_dropout, register_adapter, register_hf_format,
                          static_field)
 from peft._core import Adapter, dot
 from peft._init import init_factors

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft._apply import adapter_node, static_field
+from peft._node import adapter_node, static_field
 from peft._core import Adapter, is_adapter, map_with_path
 
 # bitsandbytes' NF4 table (float32 values of the normal-quantile construction above).

@@ -8,3 +8,28 @@ if ROOT not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A threaded BLAS on 2 shared cores makes small float64 SVDs hundreds of times slower.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_model():
+  """make(seed=0, **DecoderConfig.tiny overrides) -> (model, params): the tiny decoder the tests share
+  (D=64, L=2, H=4, KV=2, F=176 unless overridden)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+
+  def make(seed: int = 0, **overrides):
+    model = models.Decoder(models.DecoderConfig.tiny(**overrides))
+    return model, jax.jit(model.init)(jax.random.PRNGKey(seed))
+  return make
+
+
+@pytest.fixture
+def smoke_config():
+  """make(module=configs.sft, arg='model=tiny,smoke') -> a seconds-long config of an experiment file."""
+  from configs import sft  # pylint: disable=g-import-not-at-top
+
+  def make(module=sft, arg: str = "model=tiny,smoke"):
+    return module.get_config(arg)
+  return make

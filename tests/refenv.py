@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -23,6 +22,19 @@ SCRIPTS = ROOT / "tests" / "ref"
 
 def available() -> bool:
   return REF_PYTHON.exists()
+
+
+def require() -> None:
+  """Skips the calling test or fixture when the reference environment is missing."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  if not available():
+    pytest.skip(f"reference environment missing ({REF_PYTHON}); create it with `make ref-env`")
+
+
+def needs_ref(fn):
+  """Decorator form of `require` for tests that call `run` themselves."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  return pytest.mark.skipif(not available(), reason="reference environment (.venv-ref) missing")(fn)
 
 
 def run(script: str, arrays: dict | None = None, timeout: int = 600, **kwargs) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ import pytest
 import data as data_lib
 import diagnostics as dg
 import models
+import optim
 import peft
 import train_lib
 from configs import diagnose as diagnose_config
@@ -223,7 +224,6 @@ def test_workdir_cul_measures_the_update_from_the_runs_start(trained, tmp_path):
 @pytest.mark.parametrize("assign,scheduled,blocks", [("tb_linear_map", 26, 0), ("sigmoid", 27, 4)])
 def test_tempbalance_config_schedules_every_projection_of_the_small_model(assign, scheduled, blocks):
   from configs import tempbalance
-  from train_lib import train as train_mod
   from train_lib import validate
   config = tempbalance.get_config(f"assign={assign},train_size=250")
   validate.validate(config, num_devices=1)
@@ -232,9 +232,9 @@ def test_tempbalance_config_schedules_every_projection_of_the_small_model(assign
   shapes = jax.eval_shape(models.Decoder(cfg).init, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-  tb = train_mod.tempbalance_config(config.tempbalance)
+  tb = optim.tempbalance_config(config.tempbalance)
   # Host float64 fits: the same selection and exclusions without compiling the device fit in a test.
-  sched = peft.schedule(params, tb.replace(esd=tb.esd.replace(precision="float64")))
+  sched = optim.schedule(params, tb.replace(esd=tb.esd.replace(precision="float64")))
   # 7 projections x 4 blocks, k/v_proj (N = 64) included; TempBalance drops first and last, MB the last.
   assert len(sched.records) == 28 and not any(r.skipped == "eigs_thresh" for r in sched.records)
   assert len(sched.per_record) == scheduled and len(sched.per_block) == blocks

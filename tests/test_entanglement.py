@@ -10,7 +10,7 @@ import pytest
 import diagnostics
 import models
 import peft
-from train_lib.train import model_outputs
+from losses import model_outputs
 
 N, T, V = 3, 8, 32
 

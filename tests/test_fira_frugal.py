@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from peft._fira import fira, scale_by_fira
-from peft._frugal import frugal, scale_by_frugal
-from peft._galore import galore
+from optim._fira import fira, scale_by_fira
+from optim._frugal import frugal, scale_by_frugal
+from optim._galore import galore
 
 B1, B2 = 0.9, 0.999
 # A stack of 2 kernels [in=6, out=10] (torch [10, 6]) and a head [10, 6] (torch [6, 10]): both orientations.

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from peft import _projector as pj
-from peft._galore import galore, scale_by_galore
+from optim import _projector as pj
+from optim._galore import galore, scale_by_galore
 from tests import refenv
 
 T, GAP, RANK, SCALE, LR, WD = 6, 3, 3, 0.5, 0.1, 0.1
@@ -47,8 +47,7 @@ def _case_arrays():
 
 @pytest.fixture(scope="module")
 def galore_torch():
-  if not refenv.available():
-    pytest.skip("reference environment (.venv-ref) missing")
+  refenv.require()
   arrays = _case_arrays()
   rows = ";".join(f"{pt},{RANK},{GAP},{SCALE},{LR},{WD},{_eps(pt)}" for pt, _ in CASES)
   return arrays, refenv.run("galore_steps", arrays, cases=rows)

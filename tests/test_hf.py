@@ -23,7 +23,7 @@ HF_MADE = ("llama", "llama_linear", "llama3", "mistral", "mistral_sw", "qwen2", 
            "llama_bf16")
 REL_TOL = 1e-4
 
-needs_ref = pytest.mark.skipif(not refenv.available(), reason="reference environment (.venv-ref) missing")
+needs_ref = refenv.needs_ref
 
 
 def rel_err(ours, ref):
@@ -52,8 +52,7 @@ def perturbed(cfg, seed):
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_made(tmp_path_factory):
-  if not refenv.available():
-    pytest.skip("reference environment (.venv-ref) missing")
+  refenv.require()
   root = tmp_path_factory.mktemp("hf_made")
   ref = refenv.run("hf_make_model", {"tokens": TOKENS}, root=str(root), names=",".join(HF_MADE))
   return root, ref
@@ -155,8 +154,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported_ref(exported):
-  if not refenv.available():
-    pytest.skip("reference environment (.venv-ref) missing")
+  refenv.require()
   root, _ = exported
   return refenv.run("hf_logits", {"tokens": TOKENS}, dirs=",".join(str(root / n) for n in EXPORTS))
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peft import _lift
+from optim import _lift
 
 L, M, N = 2, 12, 20          # a stacked [L, in, out] kernel
 RANK, FILTER = 1, 3          # k = (12 + 20) * 1 = 32 of 240 entries

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import peft
-from peft._lora_pro import corrected_lora_grads, lora_pro, scale_by_lora_pro
+from optim._lora_pro import corrected_lora_grads, lora_pro, scale_by_lora_pro
 
 IN, OUT, R, S = 7, 5, 3, 1.7
 

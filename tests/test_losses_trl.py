@@ -166,8 +166,7 @@ def arrays():
 
 @pytest.fixture(scope="module")
 def trl(arrays):
-  if not refenv.available():
-    pytest.skip("reference environment missing")
+  refenv.require()
   return refenv.run("trl_losses", arrays, cases=json.dumps(CASES))
 
 

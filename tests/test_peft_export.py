@@ -60,8 +60,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  if not refenv.available():
-    pytest.skip("reference environment (.venv-ref) missing")
+  refenv.require()
   root = tmp_path_factory.mktemp("peft_export")
   refenv.run("hf_make_model", {"tokens": TOKENS}, root=str(root), names="llama,llama_linear")
   bases = {b: load_hf(str(root / b), dtype="float32") for b in ("llama", "llama_linear")}

@@ -37,7 +37,7 @@ CASES = {
                 feedforward=["down_proj"]),
 }
 
-needs_ref = pytest.mark.skipif(not refenv.available(), reason="reference environment (.venv-ref) missing")
+needs_ref = refenv.needs_ref
 
 
 def rel_err(ours, ref):
@@ -55,8 +55,7 @@ def our_spec(case):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-  if not refenv.available():
-    pytest.skip("reference environment (.venv-ref) missing")
+  refenv.require()
   root = tmp_path_factory.mktemp("peft_parity")
   bases = sorted({c["base"] for c in CASES.values()})
   refenv.run("hf_make_model", {"tokens": TOKENS}, root=str(root), names=",".join(bases))

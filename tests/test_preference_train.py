@@ -33,8 +33,7 @@ def test_loss_kind_must_match_the_data(loss, kind):
 def test_kernel_divergence_selection_scores_every_pair_and_picks_the_best(tmp_path):
   from configs import dpo_kernels
   config = dpo_kernels.get_config("model=tiny,smoke,select")
-  config.select.kernels = ("rbf", "polynomial")
-  config.select.divergences = ("kl", "js")
+  config.sweep.grid = (("loss.kernel", ("rbf", "polynomial")), ("loss.divergence", ("kl", "js")))
   config.eval.num_examples = 0
   table, best = train_lib.run_task(config, str(tmp_path))
   assert {(k, d) for k, d, _ in table} == {("rbf", "kl"), ("rbf", "js"), ("polynomial", "kl"), ("polynomial", "js")}

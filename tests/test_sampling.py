@@ -18,9 +18,9 @@ import models
 import peft
 from configs import lisa as lisa_config
 from configs import owlore as owlore_config
-from peft import _sampling as sampling
-from peft._registry import get_hook
-from train_lib import optim
+from optim import _sampling as sampling
+from hooks import get_hook
+import optim
 from train_lib import train as train_mod
 
 V, L = 61, 4
@@ -175,7 +175,7 @@ def test_a_step_touches_only_the_sampled_blocks_and_resampling_resets_only_their
   model = _model()
   hook, tx, step, state, frozen = _setup(_lisa(), model, traces)
   state, frozen = hook.refresh(0, state, frozen, tx)
-  idx = sampling.sampled_blocks(frozen)
+  idx = peft.sampled_blocks(frozen)
   before = _weights(state, frozen)
   frozen_before = jax.device_get(frozen)
   state, _ = step(state, frozen, None, _batch())
@@ -198,7 +198,7 @@ def test_a_step_touches_only_the_sampled_blocks_and_resampling_resets_only_their
   # Resampling at step 3: lossless write-back, new slots gathered, slot state reset, the rest kept.
   old_leaves = leaves
   new_state, new_frozen = hook.refresh(3, state, frozen, tx)
-  new_idx = sampling.sampled_blocks(new_frozen)
+  new_idx = peft.sampled_blocks(new_frozen)
   np.testing.assert_array_equal(new_idx, sampling.draw(0, 3, np.full(L, 1 / L), 2))
   _tree_close(_weights(new_state, new_frozen), after, rtol=0, atol=0)
   base = peft.flatten(jax.device_get(new_frozen))
@@ -220,7 +220,7 @@ def test_a_step_touches_only_the_sampled_blocks_and_resampling_resets_only_their
   for s in range(3, 12):
     if s % 3 == 0:
       state, frozen = hook.refresh(s, state, frozen, tx)
-      drawn.add(tuple(sampling.sampled_blocks(frozen)))
+      drawn.add(tuple(peft.sampled_blocks(frozen)))
     state, _ = step(state, frozen, None, _batch(seed=s))
   assert len(drawn) > 1                      # the slots really moved
   assert len(traces) == 1 and step._cache_size() == 1
@@ -231,8 +231,8 @@ def test_owlore_galore_slots_restart_with_fresh_projectors():
   config.sampling.method = "lisa"            # same optimizer layout, no calibration needed here
   config.sampling.prob_mode = "uniform"
   config.sampling.gamma = 2
-  config.optim.rank = 4
-  config.optim.update_proj_gap = 100
+  config.optim.galore.rank = 4
+  config.optim.galore.update_proj_gap = 100
   model = _model()
   hook, tx, step, state, frozen = _setup(config, model)
   state, frozen = hook.refresh(0, state, frozen, tx)
@@ -244,7 +244,7 @@ def test_owlore_galore_slots_restart_with_fresh_projectors():
   assert np.all(proj(state) == 0)            # count 0 again: the next step computes the projector
   w0 = _weights(state, frozen)
   state, _ = step(state, frozen, None, _batch(seed=5))
-  idx = sampling.sampled_blocks(frozen)
+  idx = peft.sampled_blocks(frozen)
   q = lambda w: peft.flatten(w)["layers/attn/q_proj/kernel"][idx]
   assert np.abs(proj(state)).max() > 0 and np.abs(q(_weights(state, frozen)) - q(w0)).max() > 0
 
@@ -261,7 +261,7 @@ def _opt_bytes(config, model):
   def trainable():
     params = model.init(jax.random.PRNGKey(0))
     if hook is not None:
-      params = sampling.sample_layers(params, np.arange(config.sampling.gamma))
+      params = peft.sample_layers(params, np.arange(config.sampling.gamma))
     return peft.split(params)[0]
   abstract = jax.eval_shape(trainable)
   tx, _ = optim.make(config.optim, abstract, 100)
@@ -287,7 +287,7 @@ def test_optimizer_state_shrinks_as_accounted():
   assert abs(lisa_bytes - 2 * 4 * (2 / 8 * layer_numel + other_numel)) <= slack
 
   owl = owlore_config.get_config("model=tiny,smoke")
-  owl.sampling.gamma, owl.optim.rank = 3, 8
+  owl.sampling.gamma, owl.optim.galore.rank = 3, 8
   owl_bytes, _ = _opt_bytes(owl, model)
   D, F, hd = c.hidden_size, c.intermediate_size, c.dim_per_head
   kernels = [(D, c.num_heads * hd), (D, c.num_kv_heads * hd), (D, c.num_kv_heads * hd), (c.num_heads * hd, D),
@@ -314,7 +314,7 @@ def test_bad_sampling_configs_fail_at_hook_construction(field, value, match):
   config = _lisa()
   config.sampling[field] = value
   with pytest.raises(ValueError, match=match):
-    get_hook(config.sampling.method)(config, _model())
+    optim.sampling_hook(config, _model())
 
 
 def test_slots_sharing_an_optimizer_fail_with_the_fix():
@@ -348,4 +348,4 @@ def test_owlore_draws_from_the_outlier_ratios_of_the_starting_weights():
   d = diagnostics.outlier_ratios(model, params, batches, 3.0)
   p = d / d.sum()
   assert np.ptp(p) > 0.01
-  np.testing.assert_array_equal(sampling.sampled_blocks(frozen), sampling.draw(config.seed, 0, p, 2))
+  np.testing.assert_array_equal(peft.sampled_blocks(frozen), sampling.draw(config.seed, 0, p, 2))

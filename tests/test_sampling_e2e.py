@@ -4,9 +4,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+import peft
 import train_lib
 from configs import lisa, owlore
-from peft import _sampling as sampling
+from optim import _sampling as sampling
 
 
 def short_run(module, arg="model=tiny,smoke", steps=150, **sampling_overrides):
@@ -34,7 +35,7 @@ def test_lisa_config_learns(tmp_path):
   summary = train_lib.train_and_evaluate(config, str(tmp_path))
   learned(summary, 1.0)
   last = (config.total_steps - 1) // 10 * 10
-  np.testing.assert_array_equal(sampling.sampled_blocks(summary["frozen"]),
+  np.testing.assert_array_equal(peft.sampled_blocks(summary["frozen"]),
                                 sampling.draw(config.seed, last, np.full(4, 0.25), config.sampling.gamma))
 
 
@@ -43,6 +44,6 @@ def test_lisa_config_learns(tmp_path):
 def test_owlore_config_learns(tmp_path, method):
   config = short_run(owlore, f"model=tiny,smoke,method={method}", steps=150 if method == "owlore" else 60,
                      gamma=2, interval_steps=25)
-  config.optim.update_proj_gap = 100     # projectors computed after each draw only: CPU SVDs are slow
+  config.optim.galore.update_proj_gap = 100     # projectors computed after each draw only: CPU SVDs are slow
   summary = train_lib.train_and_evaluate(config, str(tmp_path))
   learned(summary, 1.0 if method == "owlore" else 0.4)

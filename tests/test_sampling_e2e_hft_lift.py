@@ -18,6 +18,6 @@ def test_hft_config_learns(tmp_path):
 @pytest.mark.slow
 def test_lift_config_learns(tmp_path):
   config = short_run(lift)
-  config.optim.update_interval = 50       # three re-picks; CPU SVDs are slow
+  config.optim.lift.update_interval = 50       # three re-picks; CPU SVDs are slow
   summary = train_lib.train_and_evaluate(config, str(tmp_path))
   learned(summary, 0.3)

@@ -12,9 +12,9 @@ import losses
 import models
 import peft
 from configs import hft as hft_config
-from peft import _sampling as sampling
-from peft._registry import get_hook
-from train_lib import optim
+from optim import _hft as sampling
+from hooks import get_hook
+import optim
 from train_lib import train as train_mod
 
 ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")

@@ -8,7 +8,7 @@ from tests import train_runner
 SMOKE = "configs/owlore.py:model=tiny,smoke"
 COMMON = {"total_steps": 24, "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_before": False,
           "eval.num_examples": 0, "async_checkpoints": True, "sampling.interval_steps": 6,
-          "optim.update_proj_gap": 3, "model.overrides": {"num_layers": 3}}
+          "optim.galore.update_proj_gap": 3, "model.overrides": {"num_layers": 3}}
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import models
 import peft
 import train_lib
 from configs import sft
-from train_lib import restore
+from train_lib import build
 from train_lib import validate
 
 
@@ -38,11 +38,11 @@ def test_workdir_holds_events_metrics_plot_and_checkpoint(trained):
 
 def test_restore_and_export_round_trip(trained, tmp_path):
   wd, summary = trained
-  config, model, params, _ = restore.load_trained(wd)
+  config, model, params, _ = build.load_trained(wd)
   trained_params = peft.combine(summary["state"].params, summary["frozen"])
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  cfg = restore.load_config(wd)  # the saved config round-trips
+  cfg = build.load_config(wd)  # the saved config round-trips
   assert cfg.total_steps == 8
   out = str(tmp_path / "export")
   train_lib.run_task(_cfg(task="export", train_workdir=wd, step=0, model_type="llama", dtype=""), out)

@@ -9,8 +9,9 @@ import optax
 import pytest
 
 import diagnostics as dg
+import optim
 import peft
-from peft import _tempbalance as tb
+from optim import _tempbalance as tb
 
 ALPHAS = np.asarray([2.0, 3.0, 4.0, 6.0])
 
@@ -110,9 +111,9 @@ def _grads(params, seed=1):
 def test_updates_equal_base_updates_times_multipliers():
   params, grads = _params(), _grads(_params())
   base = optax.adamw(1e-2, weight_decay=0.1)
-  tx = peft.tempbalance(base)
+  tx = optim.tempbalance(base)
   config = _config(assign="tb_linear_map")
-  state = peft.refresh_multipliers(tx.init(params), params, config)
+  state = optim.refresh_multipliers(tx.init(params), params, config)
   mult = state[1].multipliers
 
   records = dg.analyze(params, config.esd)
@@ -141,7 +142,7 @@ def test_updates_equal_base_updates_times_multipliers():
 
 def test_refresh_does_not_retrace_the_step():
   params = _params()
-  tx = peft.tempbalance(optax.adam(1e-2))
+  tx = optim.tempbalance(optax.adam(1e-2))
   traces = []
 
   @jax.jit
@@ -152,7 +153,7 @@ def test_refresh_does_not_retrace_the_step():
 
   grads = _grads(params)
   p1, s1, _ = step(params, tx.init(params), grads)
-  refreshed = peft.refresh_multipliers(s1, p1, _config(assign="tb_sqrt"))
+  refreshed = optim.refresh_multipliers(s1, p1, _config(assign="tb_sqrt"))
   before = s1[1].multipliers["layers"]["attn"]["q_proj"]["kernel"]
   after = refreshed[1].multipliers["layers"]["attn"]["q_proj"]["kernel"]
   assert np.all(np.asarray(before) == 1.0) and not np.allclose(after, 1.0)
@@ -174,7 +175,7 @@ def test_weight_decay_variant():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), u, u_ref)   # f = 1: plain AdamW
 
   config = _config(assign="tb_linear_map", hyperparam="wd")
-  state = peft.refresh_multipliers(state, params, config)
+  state = optim.refresh_multipliers(state, params, config)
   f = state[1].multipliers["layers"]["attn"]["q_proj"]["kernel"]
   assert not np.allclose(f, 1.0)
   u0, _ = tx.update(jax.tree.map(jnp.zeros_like, grads), state, params)
@@ -182,19 +183,19 @@ def test_weight_decay_variant():
   np.testing.assert_allclose(u0["layers"]["attn"]["q_proj"]["kernel"], -1e-2 * 0.1 * q * f[:, None, None],
                              rtol=1e-5)
   # hyperparam='wd' leaves a layerwise-LR state alone; 'hybrid' writes both.
-  both = optax.chain(tx, peft.scale_by_layerwise_lr())
+  both = optax.chain(tx, optim.scale_by_layerwise_lr())
   s = both.init(params)
-  s_wd = peft.refresh_multipliers(s, params, config)
+  s_wd = optim.refresh_multipliers(s, params, config)
   assert np.all(np.asarray(s_wd[1].multipliers["layers"]["attn"]["q_proj"]["kernel"]) == 1.0)
-  s_hy = peft.refresh_multipliers(s, params, config.replace(hyperparam="hybrid"))
+  s_hy = optim.refresh_multipliers(s, params, config.replace(hyperparam="hybrid"))
   np.testing.assert_allclose(s_hy[1].multipliers["layers"]["attn"]["q_proj"]["kernel"], f)
 
 
 def test_model_balancing_blocks_cover_every_leaf_of_the_block():
   params = _params()
   config = _config(assign="sigmoid", granularity="block")
-  tx = peft.tempbalance(optax.sgd(0.1))
-  state = peft.refresh_multipliers(tx.init(params), params, config)
+  tx = optim.tempbalance(optax.sgd(0.1))
+  state = optim.refresh_multipliers(tx.init(params), params, config)
   mult = state[1].multipliers
   block_alpha = dg.block_alphas(dg.analyze(params, config.esd))
   d = block_alpha - block_alpha.mean()
@@ -228,9 +229,9 @@ def test_adapter_leaves_follow_the_merged_alpha():
                jnp.asarray(rng.standard_normal((3, 4, 48)), jnp.float32), 2.0)
   params["layers"]["attn"]["q_proj"]["kernel"] = node
   trainable, _ = peft.split(params)
-  tx = peft.tempbalance(optax.adam(1e-3))
+  tx = optim.tempbalance(optax.adam(1e-3))
   config = _config(assign="tb_linear_map")
-  state = peft.refresh_multipliers(tx.init(trainable), params, config)
+  state = optim.refresh_multipliers(tx.init(trainable), params, config)
   kernel_mult = state[1].multipliers["layers"]["attn"]["q_proj"]["kernel"]
   merged = [r.alpha for r in dg.analyze(peft.merge(params), config.esd) if r.path.endswith("q_proj/kernel")]
   expected = tb.tb_linear_map(np.asarray(merged))

@@ -12,6 +12,7 @@ import optax
 
 import losses
 import models
+import optim
 import peft
 import train_lib
 from configs import sft
@@ -28,20 +29,20 @@ def test_layerwise_update_sizes_follow_multipliers_in_a_train_step():
   cfg = models.DecoderConfig.tiny(vocab_size=61, hidden_size=96, intermediate_size=160, num_layers=3)
   model = models.Decoder(cfg)
   params = model.init(jax.random.PRNGKey(0))
-  tb_cfg = train_mod.tempbalance_config(ml_collections.ConfigDict(dict(eigs_thresh=16, esd_preset="model_balancing")))
+  tb_cfg = optim.tempbalance_config(ml_collections.ConfigDict(dict(eigs_thresh=16, esd_preset="model_balancing")))
   lr = 1e-3
   step = lambda tx: jax.jit(functools.partial(train_mod.train_step, model=model, tx=tx, schedule=lambda s: lr,
                                               loss_entry=losses.get("nll"),
                                               loss_cfg=ml_collections.ConfigDict({})))
-  plain, balanced = optax.adam(lr), peft.tempbalance(optax.adam(lr))
+  plain, balanced = optax.adam(lr), optim.tempbalance(optax.adam(lr))
   st_p = train_mod.TrainState(jnp.zeros((), jnp.int32), params, plain.init(params), jax.random.PRNGKey(1))
-  opt_b = peft.refresh_multipliers(balanced.init(params), params, tb_cfg)
+  opt_b = optim.refresh_multipliers(balanced.init(params), params, tb_cfg)
   st_b = train_mod.TrainState(jnp.zeros((), jnp.int32), params, opt_b, jax.random.PRNGKey(1))
   batch = _batch(61)
   _, frozen = peft.split(params)           # full fine-tuning: nothing frozen
   new_p, _ = step(plain)(st_p, frozen, None, batch)
   new_b, _ = step(balanced)(st_b, frozen, None, batch)
-  sched = peft.schedule(params, tb_cfg)
+  sched = optim.schedule(params, tb_cfg)
   assert len(sched.per_record) >= 6
   mults = np.asarray(list(sched.per_record.values()))
   assert mults.max() - mults.min() > 0.1            # a real spread of learning rates
@@ -65,14 +66,14 @@ def test_trainer_refreshes_multipliers_and_logs_block_alphas(tmp_path):
   assert [r["step"] for r in logged] == [0, 4]
   assert all(1.0 < r["alpha/block_1"] < 20 for r in logged)
   lr_states = [s for s in jax.tree.leaves(summary["state"].opt_state,
-                                          is_leaf=lambda x: isinstance(x, peft.ScaleByLayerwiseLrState))
-               if isinstance(s, peft.ScaleByLayerwiseLrState)]
+                                          is_leaf=lambda x: isinstance(x, optim.ScaleByLayerwiseLrState))
+               if isinstance(s, optim.ScaleByLayerwiseLrState)]
   assert lr_states
   f = np.concatenate([np.ravel(x) for x in jax.tree.leaves(lr_states[0])])
   assert f.min() < 0.99 and f.max() > 1.01
   # eval / export / diagnose rebuild the run's optimizer (TempBalance included) to read the checkpoint.
-  from train_lib import restore
-  _, _, params, _ = restore.load_trained(str(tmp_path))
+  from train_lib import build
+  _, _, params, _ = build.load_trained(str(tmp_path))
   np.testing.assert_array_equal(peft.flatten(params)["layers/attn/q_proj/kernel"],
                                 peft.flatten(summary["state"].params)["layers/attn/q_proj/kernel"])
 
@@ -81,14 +82,14 @@ def test_tempbalance_composes_with_galore_in_the_trainer(tmp_path):
   from configs import galore as galore_config
   config = galore_config.get_config("model=tiny,smoke,rank=4")
   config.model.overrides = ml_collections.ConfigDict(dict(hidden_size=96, intermediate_size=160))
-  config.optim.update_proj_gap = 4
+  config.optim.galore.update_proj_gap = 4
   config.tempbalance.enabled = True
   config.tempbalance.esd_interval = 4
   config.tempbalance.eigs_thresh = 16
   summary = train_lib.train_and_evaluate(config, str(tmp_path))
   assert summary["after"]["loss"] < summary["before"]["loss"]
   lr_states = [s for s in jax.tree.leaves(summary["state"].opt_state,
-                                          is_leaf=lambda x: isinstance(x, peft.ScaleByLayerwiseLrState))
-               if isinstance(s, peft.ScaleByLayerwiseLrState)]
+                                          is_leaf=lambda x: isinstance(x, optim.ScaleByLayerwiseLrState))
+               if isinstance(s, optim.ScaleByLayerwiseLrState)]
   f = np.concatenate([np.ravel(x) for x in jax.tree.leaves(lr_states[0])])
   assert f.min() < 0.99 and f.max() > 1.01    # the back-projected GaLore updates are scaled per layer

@@ -106,8 +106,7 @@ def sp_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref(hf_dir, sp_dir, tmp_path_factory):
-  if not refenv.available():
-    pytest.skip("reference environment (.venv-ref) missing")
+  refenv.require()
   saved = tmp_path_factory.mktemp("saved_by_transformers")
   spec = dict(dir=str(hf_dir), texts=TEXTS, chats=CHATS, save_to=str(saved), sp_dir=str(sp_dir), texts_sp=TEXTS_SP)
   out = refenv.run("hf_tokenizer", {"spec": np.array(json.dumps(spec))})

@@ -1,23 +1,53 @@
-"""The non-training tasks of main.py: eval and export of a trained workdir."""
+"""The tasks of main.py, by name: train, and eval / export / diagnose / sweep over workdirs.
+
+    python main.py --config=configs/eval.py --config.train_workdir=/tmp/sft --workdir=/tmp/sft_eval
+
+`register_task(name)` adds one (a function `(config, workdir)`); `run_task(config, workdir)` runs
+`config.task`.
+"""
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import shutil
-
-import jax
-import jax.numpy as jnp
+from typing import Callable
 
 import models
 import peft
+from train_lib import build
+from train_lib import diagnose as diagnose_lib
 from train_lib import evaluate as eval_lib
-from train_lib import restore
-from train_lib import sharding as shd
+from train_lib import train as train_lib
+
+TASKS: dict[str, Callable] = {}
 
 
+def register_task(name: str):
+  def deco(fn):
+    if name in TASKS:
+      raise ValueError(f"task {name!r} registered twice")
+    TASKS[name] = fn
+    return fn
+  return deco
+
+
+def run_task(config, workdir: str):
+  name = config.get("task", "train")
+  if name not in TASKS:
+    raise ValueError(f"config.task={name!r}; valid: {', '.join(sorted(TASKS))}")
+  return TASKS[name](config, workdir)
+
+
+register_task("train")(train_lib.train_and_evaluate)
+register_task("diagnose")(diagnose_lib.diagnose)
+
+
+@register_task("eval")
 def evaluate(config, workdir: str) -> dict:
   """Held-out loss and exact match of the run in `config.train_workdir`; writes workdir/eval.json."""
-  cfg, model, params, tokenizer = restore.load_trained(config.train_workdir, config.get("step") or None)
+  cfg, model, params, tokenizer = build.load_trained(config.train_workdir, config.get("step") or None)
   if config.get("eval"):
     cfg.eval.update(config.eval.to_dict())
   res = {}
@@ -30,10 +60,11 @@ def evaluate(config, workdir: str) -> dict:
   return res
 
 
+@register_task("export")
 def export(config, workdir: str) -> str:
   """Writes the run in `config.train_workdir` as a Hugging Face checkpoint (adapters merged) to
   workdir/hf, and, for adapter runs, the HF PEFT adapter to workdir/adapter."""
-  cfg, model, params, tokenizer = restore.load_trained(config.train_workdir, config.get("step") or None)
+  cfg, model, params, tokenizer = build.load_trained(config.train_workdir, config.get("step") or None)
   dtype = config.get("dtype") or None
   out = os.path.join(workdir, "hf")
   extra = {}
@@ -52,3 +83,43 @@ def export(config, workdir: str) -> str:
                         model_type=config.get("model_type", "llama"))
   print(f"exported to {workdir}", flush=True)
   return out
+
+
+@register_task("sweep")
+def sweep(config, workdir: str):
+  """A short training run per point of `config.sweep.grid` (((dotted config key, values), ...)), all from
+  the same start, each scored by `config.sweep.metric` of its held-out evaluation. Prints and writes the
+  table (`config.sweep.output_file`), best first; returns (rows, best) with rows (value, ..., score).
+
+      python main.py --config=configs/dpo_kernels.py:select --config.model.init_workdir=/tmp/sft --workdir=/tmp/sel
+  """
+  sw = config.sweep
+  keys = [k for k, _ in sw.grid]
+  rows = []
+  for values in itertools.product(*[tuple(v) for _, v in sw.grid]):
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      cfg.task = "train"
+      for key, value in zip(keys, values):
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+          node = node[p]
+        node[leaf] = value
+      cfg.total_steps = sw.steps
+      cfg.eval_before = False
+      cfg.checkpoint_every_steps = sw.steps
+    summary = train_lib.train_and_evaluate(cfg, os.path.join(workdir, "_".join(str(v) for v in values)))
+    rows.append((*values, float(summary["after"][sw.metric])))
+  higher = sw.get("higher_is_better", True)
+  rows.sort(key=lambda r: -r[-1] if higher else r[-1])
+  names = [k.split(".")[-1] for k in keys] + [sw.metric]
+  widths = [max(len(n), *(len(str(r[i])) for r in rows)) for i, n in enumerate(names[:-1])]
+  lines = [" ".join(f"{n:<{w}}" for n, w in zip(names, widths)) + f" {sw.metric:>10}"]
+  lines += [" ".join(f"{str(v):<{w}}" for v, w in zip(r[:-1], widths)) + f" {r[-1]:>10.4f}" for r in rows]
+  text = "\n".join(lines)
+  print(text, flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, sw.get("output_file", "sweep.md")), "w") as f:
+    f.write(f"metric: {sw.metric} after {sw.steps} steps; best: {rows[0][:-1]}\n\n{text}\n")
+  return rows, rows[0][:-1]

@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +19,18 @@ import optax
 from absl import logging
 
 import data as data_lib
-import diagnostics
 import losses
-import models
+import optim
 import peft
-from peft._registry import get_hook
+from train_lib import build
 from train_lib import checkpoint as ckpt_lib
 from train_lib import evaluate as eval_lib
 from train_lib import metrics as metrics_lib
-from train_lib import optim
 from train_lib import sharding as shd
 from train_lib import validate as validate_lib
+from train_lib.build import TrainState
 
-class TrainState(NamedTuple):
-  step: jax.Array        # () int32
-  params: Any            # trainable part of the parameters (None where frozen)
-  opt_state: Any
-  rng: jax.Array         # (2,) uint32
+model_outputs = losses.model_outputs   # the forward pass behind every loss (losses/_outputs.py)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,49 +40,8 @@ class NonFiniteLossError(FloatingPointError):
 # =====================================================================================================
 # Pure functions
 # =====================================================================================================
-def _masked_mean(x, mask, axis):
-  return (x * mask[..., None]).sum(axis) / jnp.maximum(mask.sum(axis), 1.0)[..., None]
-
-
-def model_outputs(model: models.Decoder, params, batch, needs=frozenset()) -> dict:
-  """The `losses.Outputs` dict for a [B, K, T] batch: one forward pass over all B*K sequences.
-
-  `needs` may also hold "log_sum_sq_probs" (per-token log sum_v p_v^2, WPO's weights)."""
-  lead, T = batch["inputs"].shape[:-1], batch["inputs"].shape[-1]
-  flat = lambda k: batch[k].reshape(-1, T) if batch.get(k) is not None else None
-  # Without segment ids (unpacked, unpadded rows) the model takes the plain causal path (cuDNN flash).
-  logits, hidden = model.apply(params, flat("inputs"), flat("positions"), flat("segment_ids"),
-                               return_hidden=True)
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, flat("targets")[..., None], axis=-1)[..., 0]
-  token_logps = target_logits - logz
-  mask = flat("loss_mask").astype(jnp.float32)
-  out = {"token_logps": token_logps, "mask": mask, "logps": (token_logps * mask).sum(-1),
-         "lengths": mask.sum(-1)}
-  if "logz" in needs:
-    out["logz"] = logz
-  if "embeddings" in needs:
-    h = hidden.astype(jnp.float32)
-    seg = flat("segment_ids")
-    prompt_mask = (1.0 - mask) * (seg != 0 if seg is not None else 1.0)
-    out["embeddings"] = _masked_mean(h, mask, 1)
-    out["prompt_embeddings"] = _masked_mean(h, prompt_mask, 1)
-  if "last_logits" in needs:
-    last = T - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
-    out["last_logits"] = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-  if "logits" in needs:
-    out["logits"] = logits
-  if "log_sum_sq_probs" in needs:
-    out["log_sum_sq_probs"] = jax.nn.logsumexp(2.0 * (logits - logz[..., None]), axis=-1)
-  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
-
-
 def loss_needs(loss_entry, loss_cfg) -> frozenset:
-  needs = set(loss_entry.needs)
-  if loss_cfg.get("use_weighting", False):
-    needs.add("log_sum_sq_probs")
-  return frozenset(needs)
+  return loss_entry.needs_for(loss_cfg)
 
 
 def ranking_accuracy(logps, batch):
@@ -106,9 +59,9 @@ def ranking_accuracy(logps, batch):
 
 def loss_and_metrics(trainable, frozen, ref_params, batch, rng, *, model, loss_entry, loss_cfg):
   params = peft.with_dropout_rng(peft.combine(trainable, frozen), rng)   # adapter dropout keys; None in eval
-  needs = loss_needs(loss_entry, loss_cfg)
-  if "loss_params" in params:     # parameters a loss trains (DPO-Kernels' kernel mixture)
-    batch = {**batch, "hmk_params": params["loss_params"]}
+  needs = loss_entry.needs_for(loss_cfg)
+  if build.LOSS_PARAMS in params:     # parameters the loss trains, where its registration says it reads them
+    batch = {**batch, loss_entry.params.batch_key: params[build.LOSS_PARAMS]}
   policy = model_outputs(model, params, batch, needs)
   reference = None
   if "reference" in needs:
@@ -167,110 +120,39 @@ def eval_step(trainable, frozen, ref_params, batch, *, model, loss_entry, loss_c
 
 
 # =====================================================================================================
-# Setup
-# =====================================================================================================
-def build_optimizer(config, trainable):
-  """The optax chain of `config.optim`, followed by TempBalance's layerwise multipliers when enabled."""
-  tx, schedule = optim.make(config.optim, trainable, int(config.total_steps))
-  if (config.get("tempbalance") or {}).get("enabled"):
-    tx = peft.tempbalance(tx)
-  return tx, schedule
-
-
-def tempbalance_config(tb) -> peft.TempBalanceConfig:
-  esd = getattr(diagnostics.EsdConfig, tb.get("esd_preset", "tempbalance"))(
-      eigs_thresh=tb.get("eigs_thresh", 50))
-  return peft.TempBalanceConfig(
-      assign=tb.get("assign", "tb_linear_map"), granularity=tb.get("granularity", "layer"),
-      lr_min_ratio=tb.get("lr_min_ratio", 0.5), lr_slope=tb.get("lr_slope", 1.0),
-      sigmoid_min=tb.get("sigmoid_min", 2.0), sigmoid_max=tb.get("sigmoid_max", 1.0),
-      exp_temp=tb.get("exp_temp", 10.0), normalize=tb.get("normalize", False), esd=esd)
-
-
-def transform_params(config, model, params):
-  """Adapters (`config.peft`), layer sampling (`config.sampling`) and the parameters a loss trains
-  (`params["loss_params"]`: DPO-Kernels' kernel mixture) added to the base params."""
-  params = peft.apply_config(params, config.get("peft"), rng=jax.random.PRNGKey(config.seed + 2))
-  if config.loss.name == "dpo_kernels" and config.loss.get("kernel") == "hmk":
-    params = {**params, "loss_params": losses.init_hmk_params(model.config.hidden_size,
-                                                               jax.random.PRNGKey(config.seed + 4))}
-  sampling = config.get("sampling") or {}
-  hooks = [get_hook(sampling.method)(config, model)] if sampling.get("method") else []
-  for hook in hooks:
-    params = hook.init_params(params, jax.random.PRNGKey(config.seed + 3))
-  return params, hooks
-
-
-def split_trainable(params):
-  """peft.split, with loss parameters always trainable (an adapter run freezes plain arrays)."""
-  trainable, frozen = peft.split(params)
-  if "loss_params" in params:
-    trainable = {**trainable, "loss_params": params["loss_params"]}
-    frozen = {**frozen, "loss_params": jax.tree.map(lambda _: None, params["loss_params"])}
-  return trainable, frozen
-
-
-def build_model(config, tokenizer) -> tuple[models.Decoder, Any]:
-  """The model and its initial (pre-trained or random) parameters."""
-  mc = config.model
-  overrides = dict(dtype=mc.get("dtype", "float32"), param_dtype=mc.get("param_dtype", "float32"),
-                   remat=mc.get("remat", "none"), scan_layers=mc.get("scan_layers", True),
-                   attention_impl=mc.get("attention_impl", None))
-  if mc.get("init_workdir"):      # start from an earlier run of this project (e.g. SFT before DPO)
-    from train_lib import restore   # pylint: disable=g-import-not-at-top  (restore imports this module)
-    _, model, params, _ = restore.load_trained(mc.init_workdir)
-    params = peft.merge(params)     # its adapters, if any, become part of the new base
-    params = {k: v for k, v in params.items() if k != "loss_params"}
-    cfg = model.config.replace(**overrides)
-    return models.Decoder(cfg), jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
-  if mc.get("hf_path"):
-    cfg, params = models.load_hf(mc.hf_path)
-    cfg = cfg.replace(**overrides)
-    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
-    return models.Decoder(cfg), params
-  extra = dict(mc.get("overrides", {}) or {})
-  cfg = models.preset(mc.name, vocab_size=tokenizer.vocab_size, **overrides, **extra)
-  model = models.Decoder(cfg)
-  return model, model.init(jax.random.PRNGKey(config.seed))
-
-
-# =====================================================================================================
 # train_and_evaluate
 # =====================================================================================================
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary dict."""
+  config = build.with_defaults(config)
   validate_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  with open(os.path.join(workdir, build.CONFIG_FILE), "w") as f:
     f.write(config.to_json(indent=2))
   mesh = shd.make_mesh(config.get("mesh"))
   tokenizer = data_lib.get_tokenizer(config.data)
-  model, params = build_model(config, tokenizer)
-  params, hooks = transform_params(config, model, params)
-  save_frozen = any(h.mutates_frozen for h in hooks)
-  trainable, frozen = split_trainable(params)
+  model, params = build.build_model(config, tokenizer, mesh)
+  params, run_hooks = build.transform_params(config, model, params)
+  save_frozen = any(h.mutates_frozen for _, h in run_hooks)
+  trainable, frozen = build.split_trainable(params)
   total_steps = int(config.total_steps)
-  tx, schedule = build_optimizer(config, trainable)
-  tb = config.get("tempbalance") or {}
+  tx, schedule = optim.from_config(config, trainable)
   loss_entry = losses.get(config.loss.name)
   ref_params = None
-  if "reference" in loss_entry.needs and not peft.has_adapters(params):
+  if "reference" in loss_entry.needs_for(config.loss) and not peft.has_adapters(params):
     ref_params = jax.tree.map(jnp.copy, params)   # full fine-tuning: a frozen copy is the reference
   logging.info("model %s: %d params, %d trainable", model.config, peft.count(params), peft.count(trainable))
+  logging.info("host hooks: %s", [name for name, _ in run_hooks] or "none")
 
   # ---- state and shardings ----------------------------------------------------------------------------
-  def init_state(trainable):
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable),
-                      jax.random.PRNGKey(config.seed + 1))
-
-  abstract_state = jax.eval_shape(init_state, trainable)
-  state_sh = shd.tree_shardings(abstract_state._asdict(), mesh)
-  state_sh = TrainState(**state_sh)
+  abstract_state = jax.eval_shape(lambda t: build.init_state(tx, t, config.seed), trainable)
+  state_sh = TrainState(**shd.tree_shardings(abstract_state._asdict(), mesh))
   frozen_sh = shd.tree_shardings({"params": frozen}, mesh)["params"]
   frozen = jax.device_put(frozen, frozen_sh)
   if ref_params is not None:
     ref_params = jax.device_put(ref_params, shd.tree_shardings({"params": ref_params}, mesh)["params"])
-  state = jax.jit(init_state, out_shardings=state_sh)(jax.device_put(trainable, state_sh.params))
+  state = jax.jit(lambda t: build.init_state(tx, t, config.seed), out_shardings=state_sh)(
+      jax.device_put(trainable, state_sh.params))
   repl = shd.replicated(mesh)
 
   step_fn = jax.jit(
@@ -346,33 +228,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_last, steps_since = time.perf_counter(), 0
     pending.clear()
 
-  def esd_refresh(step):
-    """HT-SR alphas of the current weights -> TensorBoard, and (TempBalance) new layerwise multipliers."""
-    nonlocal state
-    params_now = jax.device_get(peft.combine(state.params, frozen))
-    sched = peft.schedule(params_now, tb_config)
-    alphas = diagnostics.block_alphas(sched.records, model.config.num_layers)
-    writer.write(step, {f"alpha/block_{l}": a for l, a in enumerate(alphas) if np.isfinite(a)})
-    if tb.get("enabled"):
-      opt_state = peft.refresh_multipliers(state.opt_state, params_now, tb_config, sched=sched)
-      state = state._replace(opt_state=jax.device_put(opt_state, state_sh.opt_state))
-
-  tb_config = tempbalance_config(tb) if tb.get("esd_interval") else None
-  # Gradient entanglement of chosen and rejected log-probs (pairwise data only), on demand.
-  ent_every = int(config.get("entanglement_every_steps", 0) or 0) if kind == "pairwise" else 0
-  entanglement_fn = jax.jit(functools.partial(diagnostics.entanglement, model, n_pairs=4)) if ent_every else None
   for step in range(start, total_steps):
-    if tb_config is not None and step % tb.esd_interval == 0:
-      esd_refresh(step)
-    for hook in hooks:
-      if step % hook.every == 0:
-        state, frozen = hook.refresh(step, state, frozen, tx)
+    for _, hook in run_hooks:      # host work between steps: resampling, ESD refreshes, ...
+      if hook.refresh is not None and hook.every and step % hook.every == 0:
+        state, frozen, *logged = hook.refresh(step, state, frozen, tx)
+        if logged and logged[0]:
+          writer.write(step, logged[0])
     pos = train_iter.get_state()
     host_batch = eval_lib.to_model_batch(next(train_iter))
     host_batch.update({k: np.float32(v) for k, v in carry.items()})
     batch = eval_lib.put_batch(host_batch, mesh)
-    if ent_every and step % ent_every == 0:      # before the step: the gradients the step is about to use
-      writer.write(step, jax.device_get(entanglement_fn(state.params, frozen, batch)))
+    for _, hook in run_hooks:      # measurements of the batch the step is about to use
+      if hook.observe is not None and hook.every and step % hook.every == 0:
+        writer.write(step, hook.observe(step, state, frozen, batch))
     state, metrics = step_fn(state, frozen, ref_params, batch)
     if carry:    # a host sync per step, only for losses that carry state
       carry = {field: float(metrics[metric]) for metric, field in loss_entry.carry}

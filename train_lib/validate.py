@@ -7,10 +7,11 @@ import numpy as np
 
 import losses
 import models
-from peft._registry import optimizer_names
-from train_lib import optim
+import optim
+import peft
+from optim import optimizer_names
 
-TASKS = ("train", "eval", "merge", "diagnose", "export", "select_kernels")
+TASKS = ("train", "eval", "diagnose", "export", "sweep")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -32,13 +33,16 @@ def validate(config, num_devices: int | None = None) -> None:
     _check(mc.name in models.PRESETS, f"config.model.name={mc.name!r}; valid: {', '.join(models.PRESETS)}")
   for k in ("dtype", "param_dtype"):
     _check(mc.get(k, "float32") in DTYPES, f"config.model.{k}={mc.get(k)!r}; valid: {DTYPES}")
-  _check(mc.get("remat", "none") in models._config.REMAT_POLICIES,
-         f"config.model.remat={mc.get('remat')!r}; valid: {models._config.REMAT_POLICIES}")
+  _check(mc.get("remat", "none") in models.REMAT_POLICIES,
+         f"config.model.remat={mc.get('remat')!r}; valid: {models.REMAT_POLICIES}")
   _check(config.loss.name in losses.names(),
          f"config.loss.name={config.loss.name!r}; valid: {', '.join(losses.names())}")
   if config.get("peft") is not None:
-    import peft  # pylint: disable=g-import-not-at-top
     peft.check_config(config.peft)
+  try:
+    optim.check_config(config)      # config.optim and the sections of the optimizers' host work
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   kind = config.data.get("pref_kind") or "sft"
   entry = losses.get(config.loss.name)
   want = {"sft": ("sft",), "pairwise": ("pairwise",), "listwise": ("listwise", "pairwise"),
@@ -47,7 +51,10 @@ def validate(config, num_devices: int | None = None) -> None:
          f"config.loss.name={config.loss.name!r} is a {entry.kind} loss but config.data.pref_kind is "
          f"{config.data.get('pref_kind')!r}; {entry.kind} losses need pref_kind "
          f"{ {'sft': None, 'pairwise': 'pairwise', 'listwise': 'listwise', 'unpaired': 'unpaired'}[entry.kind]!r}")
-  oc = config.optim
+  try:
+    oc = optim.resolve(config.optim)    # unknown keys and options fail here, listing the valid ones
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _check(oc.name in optimizer_names(), f"config.optim.name={oc.name!r}; valid: {', '.join(optimizer_names())}")
   _check(oc.get("schedule", "cosine") in optim.SCHEDULES,
          f"config.optim.schedule={oc.get('schedule')!r}; valid: {optim.SCHEDULES}")

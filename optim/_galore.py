@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft import _projector as pj
+from optim import _projector as pj
+from optim._registry import PROJECTED, path_mask, register_optimizer
 
 
 class ScaleByGaLoreState(NamedTuple):
@@ -177,3 +178,9 @@ def galore(learning_rate: optax.ScalarOrSchedule, rank: int = 128, update_proj_g
   return optax.chain(
       scale_by_galore(rank, update_proj_gap, scale, proj_type, b1, b2, eps, svd, reset_on_refresh, mask),
       *pj.weight_decay_then_lr(learning_rate, weight_decay, weight_decay_mask, decay_updated_weights))
+
+
+@register_optimizer("galore", options_from=galore)
+def _galore_from_config(learning_rate, *, projected: str = PROJECTED, **options):
+  """`config.optim.galore`: `projected` is the regex of the projected leaves (the rest get plain Adam)."""
+  return galore(learning_rate, mask=path_mask(projected), **options)

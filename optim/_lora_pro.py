@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft._lora import LoRA
+from optim._registry import register_optimizer
+from peft import LoRA
 
 X_MODES = ("sylvester", "zero")
 OPTIMIZERS = ("adam", "sgd")
@@ -166,6 +167,7 @@ def scale_by_lora_pro(optimizer: str = "adam", b1: float = 0.9, b2: float = 0.99
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@register_optimizer("lora_pro")
 def lora_pro(learning_rate: optax.ScalarOrSchedule, optimizer: str = "adam", b1: float = 0.9,
              b2: float = 0.999, eps: float = 1e-8, momentum: Optional[float] = None,
              inverse_eps: float = 1e-8, x_mode: str = "sylvester", weight_decay: float = 0.0,

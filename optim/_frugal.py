@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft import _projector as pj
+from optim import _projector as pj
+from optim._registry import PROJECTED, path_mask, register_optimizer
 
 SUBSPACES = ("svd", "random", "columns", "rows", "randk", "block")
 INACTIVE_RULES = ("sign_sgd", "sgd", "no")
@@ -275,3 +276,9 @@ def frugal(learning_rate: optax.ScalarOrSchedule, density: float = 0.25, update_
                       reset_statistics, block_order, b1, b2, eps, svd, seed, mask),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate))
+
+
+@register_optimizer("frugal", options_from=frugal)
+def _frugal_from_config(learning_rate, *, projected: str = PROJECTED, **options):
+  """`config.optim.frugal`: `projected` is the regex of the split leaves (the rest get plain Adam)."""
+  return frugal(learning_rate, mask=path_mask(projected), **options)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft._core import path_str
+from peft import path_str
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("full", "randomized")

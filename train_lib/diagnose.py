@@ -23,12 +23,12 @@ import json
 import os
 from typing import Any
 
-import numpy as np
+import diagnostics
+import models
+import data as data_lib
+from train_lib import build
 
-from diagnostics import _esd
-from diagnostics import _report
-
-ESD_PRESETS = ("tempbalance", "model_balancing", "weightwatcher")
+ESD_PRESETS = diagnostics.ESD_PRESETS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,26 +54,21 @@ def load_params(path: str, step: int = 0) -> tuple[Any, Any, str]:
   """(params, DecoderConfig, kind) of an HF directory or of a workdir at `step` (0: latest)."""
   kind = checkpoint_kind(path)
   if kind == "hf":
-    import models   # pylint: disable=g-import-not-at-top
     cfg, params = models.load_hf(path)
     return params, cfg, kind
-  # Lazily: train_lib imports diagnostics, so diagnostics cannot import train_lib at module level.
-  from train_lib import restore   # pylint: disable=g-import-not-at-top
-  _, model, params, _ = restore.load_trained(path, step or None)
+  _, model, params, _ = build.load_trained(path, step or None)
   return params, model.config, kind
 
 
 def initial_params(workdir: str):
   """The weights a training run started from (before step 1), adapters initialised as in the run."""
-  import data as data_lib   # pylint: disable=g-import-not-at-top
-  from train_lib import restore, train   # pylint: disable=g-import-not-at-top
-  cfg = restore.load_config(workdir)
-  model, params = train.build_model(cfg, data_lib.get_tokenizer(cfg.data))
-  params, _ = train.transform_params(cfg, model, params)
+  cfg = build.load_config(workdir)
+  model, params = build.build_model(cfg, data_lib.get_tokenizer(cfg.data))
+  params, _ = build.transform_params(cfg, model, params)
   return params
 
 
-def esd_config(config) -> _esd.EsdConfig:
+def esd_config(config) -> diagnostics.EsdConfig:
   """The estimator: an EsdConfig preset and the diagnose config's overrides (empty / negative: keep)."""
   preset = config.get("esd_preset", "weightwatcher")
   if preset not in ESD_PRESETS:
@@ -89,7 +84,7 @@ def esd_config(config) -> _esd.EsdConfig:
   for key in ("include_lm_head", "remove_first", "remove_last", "filter_zeros"):
     if config.get(key) is not None:
       kw[key] = bool(config.get(key))
-  return getattr(_esd.EsdConfig, preset)(**kw)
+  return getattr(diagnostics.EsdConfig, preset)(**kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,30 +96,6 @@ def default_plot_layers(records) -> list[int]:
   if not blocks:
     return []
   return sorted({blocks[0], blocks[len(blocks) // 2], blocks[-1]})
-
-
-def _leaf_of(params, path):
-  import jax   # pylint: disable=g-import-not-at-top
-  import peft   # pylint: disable=g-import-not-at-top
-  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=peft.is_adapter)
-  for p, x in flat:
-    if peft.path_str(p) == path:
-      return x
-  raise KeyError(path)
-
-
-def record_spectrum(params, record, config: _esd.EsdConfig, init_params=None) -> np.ndarray:
-  """The ascending eigenvalues the record was fitted on (the same matrix, slice and precision)."""
-  leaf = _leaf_of(params, record.path)
-  init = None
-  if config.esd_type == "cul":
-    init = {record.path: _leaf_of(init_params, record.path)}
-  w, why = _esd._matrix(record.path, leaf, config, init)   # pylint: disable=protected-access
-  if w is None:
-    raise ValueError(f"{record.path}: no matrix to plot ({why})")
-  if _esd.is_stacked(record.path, config):
-    w = w[record.layer]
-  return np.asarray(_esd.esd(w, config.precision), np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,20 +118,20 @@ def diagnose(config, workdir: str) -> dict:
       init_params = initial_params(config.checkpoint)
     else:
       raise ValueError("esd_type='cul' on an HF directory needs config.init_checkpoint (the W_0)")
-  records = _esd.analyze(params, esd_cfg, init_params=init_params)
+  records = diagnostics.analyze(params, esd_cfg, init_params=init_params)
   if not records:
     raise ValueError(f"no matrix of {config.checkpoint!r} was selected for analysis")
 
   os.makedirs(workdir, exist_ok=True)
-  rows = _report.record_rows(records)
-  files = {"csv": _report.write_csv(rows, os.path.join(workdir, "alphas.csv"))}
+  rows = diagnostics.record_rows(records)
+  files = {"csv": diagnostics.write_csv(rows, os.path.join(workdir, "alphas.csv"))}
   num_blocks = getattr(model_cfg, "num_layers", None)
-  files["json"] = _report.write_json(
+  files["json"] = diagnostics.write_json(
       os.path.join(workdir, "alphas.json"), checkpoint=config.checkpoint, kind=kind,
       init_checkpoint=config.get("init_checkpoint", "") or None, esd_config=esd_cfg.to_dict(),
-      summary=_esd.summary(records), block_alphas=_esd.block_alphas(records, num_blocks).tolist(), rows=rows)
+      summary=diagnostics.summary(records), block_alphas=diagnostics.block_alphas(records, num_blocks).tolist(), rows=rows)
   title = f"{os.path.basename(os.path.normpath(config.checkpoint))}: {esd_cfg.mode}, {esd_cfg.esd_type}"
-  files["alpha_per_layer"] = _report.plot_alpha_per_layer(
+  files["alpha_per_layer"] = diagnostics.plot_alpha_per_layer(
       records, os.path.join(workdir, "alpha_per_layer.png"), title=title)
 
   layers = list(config.get("plot_layers", ()) or default_plot_layers(records))
@@ -168,19 +139,19 @@ def diagnose(config, workdir: str) -> dict:
   files["esd"] = []
   for l in layers:
     for name in names:
-      match = [r for r in records if r.layer == l and _report.matrix_name(r.path) == name]
+      match = [r for r in records if r.layer == l and diagnostics.matrix_name(r.path) == name]
       if not match:
         continue
       r = match[0]
       if r.skipped == "no_adapter":          # nothing to plot: the leaf has no adapter
         continue
-      lam = record_spectrum(params, r, esd_cfg, init_params)
-      files["esd"].append(_report.plot_esd(lam, r, os.path.join(workdir, f"esd_{l}_{name}.png")))
+      lam = diagnostics.record_spectrum(params, r, esd_cfg, init_params)
+      files["esd"].append(diagnostics.plot_esd(lam, r, os.path.join(workdir, f"esd_{l}_{name}.png")))
 
   print(f"HT-SR alphas of {config.checkpoint} ({kind}; mode={esd_cfg.mode}, xmin_pos={esd_cfg.xmin_pos}, "
         f"esd_type={esd_cfg.esd_type}, eigs_thresh={esd_cfg.eigs_thresh}, precision={esd_cfg.precision})",
         flush=True)
-  print(_report.format_table(records), flush=True)
+  print(diagnostics.format_table(records), flush=True)
   print(f"wrote {workdir}: alphas.csv, alphas.json, alpha_per_layer.png, {len(files['esd'])} ESD plots",
         flush=True)
   return {"records": records, "rows": rows, "esd_config": esd_cfg, "files": files}

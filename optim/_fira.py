@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft import _galore
-from peft import _projector as pj
+from optim import _galore
+from optim import _projector as pj
+from optim._registry import PROJECTED, path_mask, register_optimizer
 
 FIRA_PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
@@ -141,3 +142,9 @@ def fira(learning_rate: optax.ScalarOrSchedule, rank: int = 128, update_proj_gap
   return optax.chain(
       scale_by_fira(rank, update_proj_gap, scale, proj_type, gamma, b1, b2, eps, svd, reset_on_refresh, mask),
       *pj.weight_decay_then_lr(learning_rate, weight_decay, weight_decay_mask, decay_updated_weights))
+
+
+@register_optimizer("fira", options_from=fira)
+def _fira_from_config(learning_rate, *, projected: str = PROJECTED, **options):
+  """`config.optim.fira`: `projected` is the regex of the projected leaves (the rest get plain Adam)."""
+  return fira(learning_rate, mask=path_mask(projected), **options)

@@ -54,7 +54,9 @@ import numpy as np
 import optax
 
 import diagnostics
-from peft._core import path_str
+import hooks
+import peft
+from peft import path_str
 
 Params = Any
 
@@ -156,7 +158,6 @@ class TempBalanceConfig:
   exp_temp: float = 10.0                 # sigmoid: temperature T
   normalize: bool = False                # tb_lr_normalize: mean multiplier 1
   hyperparam: str = "lr"                 # lr | wd | hybrid: which layerwise states a refresh writes
-  # A factory, not a default instance: `diagnostics` imports `peft`, so it may be half-initialised here.
   esd: diagnostics.EsdConfig = dataclasses.field(default_factory=lambda: diagnostics.EsdConfig.tempbalance())
 
   def __post_init__(self):
@@ -372,3 +373,76 @@ def refresh_multipliers(opt_state, params: Params, config: TempBalanceConfig, *,
     return x
 
   return jax.tree.map(rewrite, opt_state, is_leaf=is_state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In a training run: `config.tempbalance` and the host hook that refreshes the multipliers
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """`config.tempbalance` of a training run: when the ESD is fitted, with which estimator, and whether the
+  multipliers are written (else the per-block alphas are only logged). The mapping's own options are the
+  fields of `TempBalanceConfig`, which sit beside these in the same config section."""
+  enabled: bool = False              # write layerwise multipliers (TempBalance / Model Balancing)
+  esd_interval: int = 0              # steps between ESD fits (TensorBoard `alpha/block_<l>`); 0 = never
+  esd_preset: str = "tempbalance"    # tempbalance | model_balancing | weightwatcher (xmin rule etc.)
+  eigs_thresh: int = 50              # matrices with fewer eigenvalues keep the base rate
+  mapping: TempBalanceConfig = dataclasses.field(default_factory=TempBalanceConfig)
+
+  @classmethod
+  def from_config(cls, section) -> "RunConfig":
+    given = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+    own = {f.name for f in dataclasses.fields(cls)} - {"mapping"}
+    mapping = {f.name for f in dataclasses.fields(TempBalanceConfig)} - {"esd"}
+    unknown = sorted(set(given) - own - mapping)
+    if unknown:
+      raise ValueError(f"config.tempbalance: unknown key(s) {unknown}; valid: {', '.join(sorted(own | mapping))}")
+    if given.get("esd_preset", cls.esd_preset) not in diagnostics.ESD_PRESETS:
+      raise ValueError(f"config.tempbalance.esd_preset={given['esd_preset']!r}; valid: {diagnostics.ESD_PRESETS}")
+    run = cls(**{k: v for k, v in given.items() if k in own})
+    esd = getattr(diagnostics.EsdConfig, run.esd_preset)(eigs_thresh=run.eigs_thresh)
+    return dataclasses.replace(run, mapping=TempBalanceConfig(
+        esd=esd, **{k: v for k, v in given.items() if k in mapping}))
+
+
+def default_config():
+  """`config.tempbalance`: every field of `RunConfig` and `TempBalanceConfig` with its default."""
+  import ml_collections   # pylint: disable=g-import-not-at-top
+  run, mapping = RunConfig(), TempBalanceConfig()
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(RunConfig):
+    if f.name != "mapping":
+      c[f.name] = getattr(run, f.name)
+  for f in dataclasses.fields(TempBalanceConfig):
+    if f.name != "esd":
+      c[f.name] = getattr(mapping, f.name)
+  return c
+
+
+def tempbalance_config(section) -> TempBalanceConfig:
+  """The `TempBalanceConfig` (mapping and estimator) of a `config.tempbalance` section."""
+  return RunConfig.from_config(section).mapping
+
+
+def _esd_enabled(config) -> bool:
+  return config.get("tempbalance") is not None and RunConfig.from_config(config.tempbalance).esd_interval > 0
+
+
+@hooks.register_hook("tempbalance", enabled=_esd_enabled, order=-1)
+def _esd_refresh_hook(config, model) -> hooks.HostHook:
+  """Every `esd_interval` steps: HT-SR alphas of the current weights -> `alpha/block_<l>`, and (enabled)
+  new layerwise multipliers written into the optimizer state, same shapes and shardings."""
+  run = RunConfig.from_config(config.tempbalance)
+
+  def refresh(step, state, frozen, tx):
+    del step, tx
+    params_now = jax.device_get(peft.combine(state.params, frozen))
+    sched = schedule(params_now, run.mapping)
+    alphas = diagnostics.block_alphas(sched.records, model.config.num_layers)
+    metrics = {f"alpha/block_{l}": a for l, a in enumerate(alphas) if np.isfinite(a)}
+    if run.enabled:
+      opt_state = refresh_multipliers(state.opt_state, params_now, run.mapping, sched=sched)
+      state = state._replace(opt_state=peft.place_like(opt_state, state.opt_state))
+    return state, frozen, metrics
+
+  return hooks.HostHook(every=run.esd_interval, refresh=refresh)

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft import _projector as pj
-from peft._registry import _path_mask, register_optimizer
+from optim import _projector as pj
+from optim._registry import path_mask, register_optimizer
 
 
 class ScaleByLiftState(NamedTuple):
@@ -185,9 +185,7 @@ def lift(learning_rate: optax.ScalarOrSchedule, rank: int = 128, filter_rank: in
                      optax.scale_by_learning_rate(learning_rate))
 
 
-@register_optimizer("lift")
-def _lift_optimizer(learning_rate, cfg):
-  return lift(learning_rate, rank=cfg.get("lift_rank", 128), filter_rank=cfg.get("filter_rank", 64),
-              update_interval=cfg.get("update_interval", 400), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95),
-              eps=cfg.get("eps", 1e-6), weight_decay=cfg.get("weight_decay", 0.0),
-              mask=_path_mask(cfg.get("lift_targets", r"layers/(attn|mlp)/.*_proj/kernel")))
+@register_optimizer("lift", options_from=lift)
+def _lift_from_config(learning_rate, *, targets: str = r"layers/(attn|mlp)/.*_proj/kernel", **options):
+  """`config.optim.lift`: `targets` is the regex of the sparsely trained kernels (the rest get plain Adam)."""
+  return lift(learning_rate, mask=path_mask(targets), **options)
