@@ -124,17 +124,19 @@ def residual_to_lora(params: Params, initial: Params) -> Params:
 # Config
 # ---------------------------------------------------------------------------------------------------
 def default_config() -> ml_collections.ConfigDict:
-  """`config.peft`: which adapter, where, and how the frozen base is stored."""
+  """`config.peft`: which adapter, where, and how the frozen base is stored. The adapter's own settings
+  (rank, alpha, ...) take their defaults from `AdapterSpec`, their one home."""
+  spec = AdapterSpec()
   c = ml_collections.ConfigDict()
   c.method = ml_collections.config_dict.placeholder(str)  # None: full fine-tuning; else lora | dora | ia3
   c.targets = "q_proj,v_proj"          # HF module names, "all-linear", or one '/'-path regex
-  c.rank = 8                           # r
-  c.alpha = 8.0                        # lora_alpha; scale s = alpha / r
-  c.use_rslora = False                 # s = alpha / sqrt(r) (rsLoRA)
-  c.dropout = 0.0                      # dropout on the adapter path's input (needs with_dropout_rng per step)
-  c.init = "default"                   # default (Kaiming-uniform A, B = 0) | gaussian | pissa |
+  c.rank = spec.rank                   # r
+  c.alpha = spec.alpha                 # lora_alpha; scale s = alpha / r
+  c.use_rslora = spec.use_rslora       # s = alpha / sqrt(r) (rsLoRA)
+  c.dropout = spec.dropout             # dropout on the adapter path's input (needs with_dropout_rng per step)
+  c.init = spec.init                   # default (Kaiming-uniform A, B = 0) | gaussian | pissa |
                                        # pissa_niter_<k> (randomised SVD, k iterations) | olora
-  c.dtype = "float32"                  # of the trainable adapter parts
+  c.dtype = spec.dtype                 # of the trainable adapter parts
   c.quantize = ml_collections.config_dict.placeholder(str)  # None | nf4 | int8: storage of the frozen base
   c.quant_block_size = 64              # values per absmax scale
   c.quantize_targets = "all-linear"    # which kernels get quantised storage (bitsandbytes: all but lm_head)
@@ -142,11 +144,13 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+_SPEC_FIELDS = ("rank", "alpha", "dropout", "init", "use_rslora", "dtype")
+
+
 def spec_from_config(cfg) -> AdapterSpec:
-  return AdapterSpec(method=cfg.method, rank=int(cfg.get("rank", 8)), alpha=float(cfg.get("alpha", 8.0)),
-                     dropout=float(cfg.get("dropout", 0.0)), init=cfg.get("init", "default") or "default",
-                     use_rslora=bool(cfg.get("use_rslora", False)), dtype=cfg.get("dtype", "float32"),
-                     options=dict(cfg.get("options", None) or {}))
+  """The `AdapterSpec` of `config.peft`; fields the config leaves out keep `AdapterSpec`'s defaults."""
+  given = {k: cfg.get(k) for k in _SPEC_FIELDS if cfg.get(k) is not None}
+  return AdapterSpec(method=cfg.method, options=dict(cfg.get("options", None) or {}), **given)
 
 
 def check_config(cfg) -> None:

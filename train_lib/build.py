@@ -86,7 +86,7 @@ def build_model(config, tokenizer, mesh=None) -> tuple[models.Decoder, Any]:
   mc = config.model
   overrides = _model_overrides(mc)
   if mc.get("init_workdir"):      # start from an earlier run of this project (e.g. SFT before DPO)
-    _, model, params, _ = load_trained(mc.init_workdir)
+    _, model, params, _ = load_trained(mc.init_workdir, mesh=mesh)
     params = peft.merge(params)     # its adapters, if any, become part of the new base
     params = {k: v for k, v in params.items() if k != LOSS_PARAMS}
     cfg = model.config.replace(**overrides)
@@ -137,11 +137,12 @@ def init_state(tx, trainable, seed: int) -> TrainState:
 # =====================================================================================================
 # Rebuilding a run from its workdir
 # =====================================================================================================
-def load_trained(workdir: str, step: int | None = None):
-  """(config, model, params, tokenizer) of the run in `workdir`, at its latest (or given) checkpoint."""
+def load_trained(workdir: str, step: int | None = None, mesh=None):
+  """(config, model, params, tokenizer) of the run in `workdir`, at its latest (or given) checkpoint;
+  restored straight into the shardings of `mesh` when given."""
   config = load_config(workdir)
   tokenizer = data_lib.get_tokenizer(config.data)
-  model, params = build_model(config, tokenizer)
+  model, params = build_model(config, tokenizer, mesh)
   params, run_hooks = transform_params(config, model, params)
   save_frozen = any(h.mutates_frozen for _, h in run_hooks)
   trainable, frozen = split_trainable(params)
@@ -152,6 +153,11 @@ def load_trained(workdir: str, step: int | None = None):
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
   abstract_frozen = jax.eval_shape(lambda f: f, frozen) if save_frozen else None
+  if mesh is not None:
+    abstract = ckpt_lib.abstract(abstract, TrainState(**shd.tree_shardings(abstract._asdict(), mesh)))
+    if abstract_frozen is not None:
+      abstract_frozen = ckpt_lib.abstract(abstract_frozen, shd.tree_shardings({"params": abstract_frozen},
+                                                                               mesh)["params"])
   state, _, saved_frozen = ckpt.restore(step, abstract, abstract_frozen)
   ckpt.close()
   if save_frozen:
