@@ -122,6 +122,7 @@ class PreferenceRecord(NamedTuple):
   scores: tuple[float, ...] | None = None      # listwise
   label: bool | None = None                    # unpaired
   ref_logps: tuple[float, ...] | None = None   # one per response, with ref_logps_field
+  chat: bool = False                           # rendered with a chat template (its turns end themselves)
 
 
 class PreferenceExample(NamedTuple):
@@ -303,7 +304,7 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
   else:
     raise ValueError(f"unknown preference kind {kind!r}; valid: {', '.join(KINDS)}")
   return PreferenceRecord(prompt_text, tuple(responses), scores, label,
-                          tuple(refs) if refs else None), dropped
+                          tuple(refs) if refs else None, prompt_msgs is not None), dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,11 +317,16 @@ def encode_preference(rec: PreferenceRecord, tokenizer, kind: str, *, seq_len: i
                       ) -> tuple[PreferenceExample, collections.Counter]:
   """One SFT example per response under the truncation rules of the module docstring."""
   seqs, keep, dropped = [], [], collections.Counter()
+  nonempty = [i for i, r in enumerate(rec.responses) if r]
+  fulls, start = _sft.split_tokens(tokenizer, rec.prompt, [rec.responses[i] for i in nonempty])
+  tokens = dict(zip(nonempty, fulls))
   for i, response in enumerate(rec.responses):
     try:
-      seqs.append(_sft.encode_sft(rec.prompt, response, tokenizer, seq_len=seq_len,
-                                  max_prompt_len=max_prompt_len, max_response_len=max_response_len,
-                                  truncate=truncate))
+      if i not in tokens:
+        raise DataError("empty_response", "the response is empty")
+      seqs.append(_sft.assemble(tokens[i], start, tokenizer, seq_len=seq_len, chat=rec.chat,
+                                max_prompt_len=max_prompt_len, max_response_len=max_response_len,
+                                truncate=truncate))
     except DataError as e:
       if kind == "listwise" and e.reason == "empty_response":
         dropped[e.reason] += 1
