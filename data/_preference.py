@@ -85,6 +85,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from data import _config
+from data import _formats
 from data import _packing
 from data import _sft
 from data._pipeline import SFTDataset
@@ -473,22 +474,50 @@ def preference_config(config):
   return cfg
 
 
-def _renderer(cfg, tokenizer=None) -> Render:
-  """Chat rendering with the config's (or the tokenizer's) template, set up at the first chat record."""
-  setup = []
+class _Chat:
+  """The chat template of the config (or the tokenizer), looked up at the first chat record."""
 
-  def render(messages):
-    if not setup:
-      tok = tokenizer
-      if tok is None and (cfg.tokenizer or cfg.source == "builtin"):
-        tok = _config.get_tokenizer(cfg)
-      setup.append(_config.chat_setup(cfg, tok))
-    template, specials = setup[0]
+  def __init__(self, cfg, tokenizer=None):
+    self.cfg, self.tokenizer, self._setup = cfg, tokenizer, None
+
+  def setup(self):
+    if self._setup is None:
+      tok = self.tokenizer
+      if tok is None and (self.cfg.tokenizer or self.cfg.source == "builtin"):
+        tok = _config.get_tokenizer(self.cfg)
+      self._setup = (tok,) + _config.chat_setup(self.cfg, tok)
+    return self._setup
+
+  @property
+  def available(self) -> bool:
+    return bool(self.setup()[1])
+
+  def render(self, messages):
+    _, template, specials = self.setup()
     if not template:
       raise ValueError("a record is in chat form (its prompt is a list of messages) but there is no chat "
                        "template: set config.chat_template or use a tokenizer that has one")
     return _sft.render_chat(messages, template, specials)
-  return render
+
+
+def _renderer(cfg, tokenizer=None) -> Render:
+  """Chat rendering with the config's (or the tokenizer's) template, set up at the first chat record."""
+  return _Chat(cfg, tokenizer).render
+
+
+def record_reader(cfg, source, tokenizer=None) -> Callable[[Any], tuple[PreferenceRecord, collections.Counter]]:
+  """record -> (PreferenceRecord, dropped list entries) for the source's format (`data._formats`)."""
+  fmt = _config.record_format(cfg, source)
+  chat = _Chat(cfg, tokenizer)
+  fields = Fields.from_config(cfg) if fmt == "fields" else Fields(ref_logps=cfg.ref_logps_field)
+
+  def read(record):
+    if fmt != "fields":
+      record = _formats.preference_record(record, fmt, cfg, chat=fmt in ("hh_rlhf", "ultrafeedback")
+                                          and chat.available)
+    return record_preference(record, cfg.pref_kind, fields, render=chat.render, list_size=cfg.list_size,
+                             allow_identical=cfg.allow_identical)
+  return read
 
 
 def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
@@ -499,11 +528,10 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
   cfg = preference_config(config)
   train = split.startswith("train") if train is None else train
   source = _config.make_source(cfg, split)
-  fields, render, dropped = Fields.from_config(cfg), _renderer(cfg, tokenizer), collections.Counter()
+  read, dropped = record_reader(cfg, source, tokenizer), collections.Counter()
 
   def encode(record):
-    rec, d1 = record_preference(record, cfg.pref_kind, fields, render=render, list_size=cfg.list_size,
-                                allow_identical=cfg.allow_identical)
+    rec, d1 = read(record)
     ex, d2 = encode_preference(rec, tokenizer, cfg.pref_kind, seq_len=seq_len,
                                max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                truncate=cfg.truncate, allow_identical=cfg.allow_identical)
@@ -530,12 +558,9 @@ def preference_eval_examples(config, split: str, n: int | None = None) -> list[P
     with cfg.unlocked():
       cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set
   source = _config.make_source(cfg, split)
-  fields, render = Fields.from_config(cfg), _renderer(cfg)
-  records, _ = _sft.build_examples(
-      source, _config.indices(cfg, source, split)[:n],
-      lambda r: record_preference(r, cfg.pref_kind, fields, render=render, list_size=cfg.list_size,
-                                  allow_identical=cfg.allow_identical)[0],
-      skip_invalid=cfg.skip_invalid)
+  read = record_reader(cfg, source)
+  records, _ = _sft.build_examples(source, _config.indices(cfg, source, split)[:n], lambda r: read(r)[0],
+                                   skip_invalid=cfg.skip_invalid)
   return records
 
 
