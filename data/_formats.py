@@ -7,7 +7,7 @@ of each.
     fields                    the configured field names (`prompt_field`, `response_field`, `messages_field`,
                               `chosen_field`, ...): the project's own records, e.g. {"prompt", "response"}
     trl                       TRL's dataset types, standard (strings) or conversational (message lists):
-                              prompt/completion, text, prompt/chosen/rejected, chosen/rejected (implicit
+                              prompt/completion, text, messages, prompt/chosen/rejected, chosen/rejected (implicit
                               prompt, extracted as `trl.extract_prompt` does), prompt/completion/label
     messages                  {"messages": [...]}: TRL's conversational language modeling and OpenAI's chat
                               format (content parts joined, "developer" read as "system")
@@ -209,6 +209,8 @@ def sft_record(record: Any, fmt: str, cfg) -> dict:
     prompt = _get(record, cfg.prompt_field, str)
     return {"prompt": prompt, "completion": _get(record, cfg.response_field, str)}
   if fmt == "trl":
+    if "messages" in record and "prompt" not in record:
+      return {"messages": _chat(record, "messages")}
     if "text" in record and "prompt" not in record:
       return {"text": _get(record, "text", str)}
     prompt = _get(record, "prompt", (str, list, dict))

@@ -1,0 +1,64 @@
+"""Tokenizes records with TRL's own dataset preparation (runs in .venv-ref, trl 1.16).
+
+    trl_data.py IN.npz OUT.npz
+
+IN: `spec`, a JSON string {"runs": [{"dir": tokenizer directory, "cases": [{"trainer": "sft" | "dpo",
+"record": {...}, "completion_only_loss": optional bool}]}]}.
+OUT: `result`, a JSON string: per run, per case, SFT {"input_ids", "labels"} or DPO {"prompt_ids", "chosen_ids",
+"rejected_ids"}, or {"error": message}.
+
+`SFTTrainer._prepare_dataset` / `DPOTrainer._prepare_dataset` run unbound, on a stand-in for the trainer
+that holds what they read of it (`_tokenizer`, and for SFT `completion_only_loss` and `chat_template`,
+set as `SFTTrainer.__init__` sets them: completion-only for prompt-completion data by default, no
+training template without `assistant_only_loss`), so no model is built.
+"""
+import json
+import tempfile
+import types
+
+import datasets
+import numpy as np
+import transformers
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from _common import parse_args, save
+
+
+def main():
+  arrays, out, _ = parse_args()
+  spec = json.loads(str(arrays["spec"]))
+  with tempfile.TemporaryDirectory() as tmp:
+    sft_args = SFTConfig(output_dir=tmp, max_length=None, report_to=[], use_cpu=True, bf16=False)
+    dpo_args = DPOConfig(output_dir=tmp, max_length=None, report_to=[], use_cpu=True, bf16=False)
+    runs = [run(r["dir"], r["cases"], sft_args, dpo_args) for r in spec["runs"]]
+  save(out, result=np.array(json.dumps(runs)))
+
+
+def run(tok_dir, cases, sft_args, dpo_args):
+  tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+  results = []
+  for case in cases:
+    record = case["record"]
+    dataset = datasets.Dataset.from_list([record])
+    try:
+      if case["trainer"] == "sft":
+        only = case.get("completion_only_loss")
+        if only is None:
+          only = "prompt" in record and "completion" in record
+        fake = types.SimpleNamespace(_tokenizer=tok, completion_only_loss=only, chat_template=None)
+        ds = SFTTrainer._prepare_dataset(fake, dataset, tok, sft_args, packing=False, formatting_func=None,
+                                         dataset_name="train")
+        row = ds[0]
+        results.append({"input_ids": list(row["input_ids"]), "labels": list(row["labels"])})
+      else:
+        fake = types.SimpleNamespace(_tokenizer=tok)
+        ds = DPOTrainer._prepare_dataset(fake, dataset, tok, dpo_args, dataset_name="train")
+        row = ds[0]
+        results.append({k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    except Exception as e:  # pylint: disable=broad-except
+      results.append({"error": f"{type(e).__name__}: {e}"})
+  return results
+
+
+if __name__ == "__main__":
+  main()

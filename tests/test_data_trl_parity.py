@@ -1,0 +1,135 @@
+"""Token ids and loss masks equal to TRL 1.16's own dataset preparation (tests/ref/trl_data.py).
+
+For tiny tokenizers with the special tokens and chat templates of Llama 3, Mistral, Qwen2 (ChatML, no BOS,
+a newline after the end-of-turn token, a default system message) and Gemma (end-of-turn not eos), built
+by tests/chat_tokenizers.py: SFT (standard and conversational prompt-completion, multi-turn prompts, a
+system message, language modeling) and DPO (standard and conversational, explicit and implicit prompt).
+Our examples come from `data.get_dataset` reading the records from JSONL with `format="trl"`.
+
+TRL's SFT labels are the input ids with -100 where no loss is taken; the label of position 0 is never a
+target, so weights are compared from position 1. TRL's DPO gives prompt, chosen and rejected ids; each of
+our two sequences is prompt + completion with weight 1 on the completion.
+"""
+import json
+
+import numpy as np
+import pytest
+
+import data
+from tests import chat_tokenizers, refenv
+
+Q = [{"role": "user", "content": "What color is the sky?"}]
+SYS = [{"role": "system", "content": "Answer in one word."}]
+
+
+def A(text):
+  return [{"role": "assistant", "content": text}]
+
+
+SFT_CASES = {
+    "standard": ({"prompt": "The sky is", "completion": " blue."}, {}),
+    "standard_text": ({"text": "The sky is blue."}, {}),
+    "conversational": ({"prompt": Q, "completion": A("It is blue.")}, {}),
+    "conversational_system": ({"prompt": SYS + Q, "completion": A("Blue.")}, {}),
+    "conversational_multi_turn": ({"prompt": Q + A("It is blue.") + [{"role": "user", "content": "And grass?"}],
+                                   "completion": A("It is green.")}, {}),
+    "messages_every_token": ({"messages": Q + A("It is blue.")}, {"completion_only_loss": False}),
+}
+DPO_CASES = {
+    "standard": {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    "standard_implicit": {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    "conversational": {"prompt": Q, "chosen": A("It is blue."), "rejected": A("It is green.")},
+    "conversational_implicit": {"chosen": Q + A("It is blue."), "rejected": Q + A("It is green.")},
+    "conversational_system": {"prompt": SYS + Q, "chosen": A("Blue."), "rejected": A("Green.")},
+    "conversational_multi_turn": {"prompt": Q + A("It is blue.") + [{"role": "user", "content": "And grass?"}],
+                                  "chosen": A("It is green."), "rejected": A("It is red.")},
+}
+CORPUS = ["The sky is blue. The sky is green. It is blue. It is green. It is red. Blue. Green.",
+          "What color is the sky? Answer in one word. And grass?"]
+FAMILIES = list(chat_tokenizers.FAMILIES)
+
+
+def _cases():
+  out = [{"trainer": "sft", "record": r, **o} for r, o in SFT_CASES.values()]
+  return out + [{"trainer": "dpo", "record": r} for r in DPO_CASES.values()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  if not refenv.available():
+    pytest.skip("reference environment (.venv-ref) missing")
+  root = tmp_path_factory.mktemp("trl_parity")
+  dirs = {f: chat_tokenizers.make(f, str(root / f), CORPUS) for f in FAMILIES}
+  spec = {"runs": [{"dir": dirs[f], "cases": _cases()} for f in FAMILIES]}
+  out = refenv.run("trl_data", {"spec": np.array(json.dumps(spec))})
+  results = json.loads(str(out["result"]))
+  return root, dirs, {f: dict(zip(list(SFT_CASES) + [f"dpo_{k}" for k in DPO_CASES], r))
+                      for f, r in zip(FAMILIES, results)}
+
+
+def _ours(root, tok_dir, name, record, **cfg):
+  path = root / f"{name}.jsonl"
+  data.write_jsonl(path, [record])
+  config = {"source": "jsonl", "path": str(path), "tokenizer": tok_dir, "format": "trl", **cfg}
+  tok = data.get_tokenizer(config)
+  ds = data.get_dataset(config, "train", tokenizer=tok, batch_size=1, seq_len=256, train=False)
+  return ds.examples[0]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("case", list(SFT_CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_matches_trl(setup, family, case):
+  root, dirs, ref = setup
+  want = ref[family][case]
+  record, opts = SFT_CASES[case]
+  (root / family).mkdir(exist_ok=True)
+  if "error" in want:   # the template refuses the conversation (Gemma and Mistral: no system role)
+    with pytest.raises(data.DataError, match="bad_messages"):
+      _ours(root / family, dirs[family], case, record, **opts)
+    return
+  ex = _ours(root / family, dirs[family], case, record, **opts)
+  assert list(ex.tokens) == want["input_ids"]
+  learned = [int(x != -100) for x in want["labels"]]
+  assert list(ex.weights[1:].astype(int)) == learned[1:]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("case", list(DPO_CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_matches_trl(setup, family, case):
+  root, dirs, ref = setup
+  want = ref[family][f"dpo_{case}"]
+  (root / family).mkdir(exist_ok=True)
+  if "error" in want:
+    with pytest.raises(data.DataError, match="bad_messages"):
+      _ours(root / family, dirs[family], f"dpo_{case}", DPO_CASES[case], pref_kind="pairwise")
+    return
+  ex = _ours(root / family, dirs[family], f"dpo_{case}", DPO_CASES[case], pref_kind="pairwise")
+  p = want["prompt_ids"]
+  for seq, completion in zip(ex.seqs, (want["chosen_ids"], want["rejected_ids"])):
+    assert list(seq.tokens) == p + completion
+    assert list(seq.weights.astype(int)) == [0] * len(p) + [1] * len(completion)
+
+
+@pytest.mark.parity
+def test_families_cover_the_hard_cases(setup):
+  """The fixtures are what they claim: no BOS for Qwen2, a newline after its end-of-turn token, Gemma's
+  end-of-turn not eos, and BOS never twice where both the post-processor and the template add it."""
+  root, dirs, ref = setup
+  refused = sorted((f, c) for f, cases in ref.items() for c, r in cases.items() if "error" in r)
+  assert refused == [(f, c) for f in ("gemma", "mistral") for c in ("conversational_system", "dpo_conversational_system")]
+  qwen = data.load_tokenizer(dirs["qwen2"])
+  assert qwen.bos_id is None and not data.adds_bos(qwen)
+  ids = ref["qwen2"]["conversational"]["input_ids"]
+  end = qwen.token_to_id("<|im_end|>")
+  assert ids[-2] == end and qwen.decode(ids[-1:]) == "\n"
+  assert [int(x != -100) for x in ref["qwen2"]["conversational"]["labels"]][-2:] == [1, 1]
+  gemma = data.load_tokenizer(dirs["gemma"])
+  assert gemma.token_to_id("<end_of_turn>") in ref["gemma"]["conversational"]["input_ids"]
+  assert gemma.eos_id not in ref["gemma"]["conversational"]["input_ids"]
+  for family in ("llama3", "mistral", "gemma"):
+    tok = data.load_tokenizer(dirs[family])
+    assert data.adds_bos(tok)
+    for case in ("standard", "conversational"):
+      assert ref[family][case]["input_ids"].count(tok.bos_id) == 1
