@@ -76,6 +76,8 @@ def detect(record: Any, cfg) -> str:
   if kind is None:
     if cfg.messages_field or _has(r, cfg.prompt_field, cfg.response_field):
       return "fields"
+    if _is_messages(r.get("chosen")) and ("score_chosen" in r or "score_rejected" in r):
+      return "ultrafeedback_binarized"
     if _has(r, "messages"):
       return "messages"
     if _has(r, "conversations"):

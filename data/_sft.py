@@ -83,7 +83,7 @@ def _messages(record: dict, name: str) -> list[dict]:
     raise DataError("bad_messages", f"{name!r} is empty")
   for k, m in enumerate(msgs):
     if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-      raise DataError("bad_messages", f"message {k} is not a {{'role': str, 'content': str}}")
+      raise DataError("bad_messages", f"{name!r}: message {k} is not a {{'role': str, 'content': str}}")
   if msgs[-1]["role"] != "assistant":
     raise DataError("bad_messages", f"the last message is from {msgs[-1]['role']!r}, not 'assistant'")
   return msgs
