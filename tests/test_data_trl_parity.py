@@ -3,7 +3,8 @@
 For tiny tokenizers with the special tokens and chat templates of Llama 3, Mistral, Qwen2 (ChatML, no BOS,
 a newline after the end-of-turn token, a default system message) and Gemma (end-of-turn not eos), built
 by tests/chat_tokenizers.py: SFT (standard and conversational prompt-completion, multi-turn prompts, a
-system message, language modeling) and DPO (standard and conversational, explicit and implicit prompt).
+system message, language modeling), DPO (standard and conversational, explicit and implicit prompt) and
+KTO (standard and conversational unpaired).
 Our examples come from `data.get_dataset` reading the records from JSONL with `format="trl"`.
 
 TRL's SFT labels are the input ids with -100 where no loss is taken; the label of position 0 is never a
@@ -44,6 +45,10 @@ DPO_CASES = {
     "conversational_multi_turn": {"prompt": Q + A("It is blue.") + [{"role": "user", "content": "And grass?"}],
                                   "chosen": A("It is green."), "rejected": A("It is red.")},
 }
+KTO_CASES = {
+    "standard": {"prompt": "The sky is", "completion": " blue.", "label": True},
+    "conversational": {"prompt": Q, "completion": A("It is green."), "label": False},
+}
 CORPUS = ["The sky is blue. The sky is green. It is blue. It is green. It is red. Blue. Green.",
           "What color is the sky? Answer in one word. And grass?"]
 FAMILIES = list(chat_tokenizers.FAMILIES)
@@ -51,7 +56,8 @@ FAMILIES = list(chat_tokenizers.FAMILIES)
 
 def _cases():
   out = [{"trainer": "sft", "record": r, **o} for r, o in SFT_CASES.values()]
-  return out + [{"trainer": "dpo", "record": r} for r in DPO_CASES.values()]
+  out += [{"trainer": "dpo", "record": r} for r in DPO_CASES.values()]
+  return out + [{"trainer": "kto", "record": r} for r in KTO_CASES.values()]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,8 @@ def setup(tmp_path_factory):
   spec = {"runs": [{"dir": dirs[f], "cases": _cases()} for f in FAMILIES]}
   out = refenv.run("trl_data", {"spec": np.array(json.dumps(spec))})
   results = json.loads(str(out["result"]))
-  return root, dirs, {f: dict(zip(list(SFT_CASES) + [f"dpo_{k}" for k in DPO_CASES], r))
+  names = list(SFT_CASES) + [f"dpo_{k}" for k in DPO_CASES] + [f"kto_{k}" for k in KTO_CASES]
+  return root, dirs, {f: dict(zip(names, r))
                       for f, r in zip(FAMILIES, results)}
 
 
@@ -110,6 +117,20 @@ def test_dpo_matches_trl(setup, family, case):
   for seq, completion in zip(ex.seqs, (want["chosen_ids"], want["rejected_ids"])):
     assert list(seq.tokens) == p + completion
     assert list(seq.weights.astype(int)) == [0] * len(p) + [1] * len(completion)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("case", list(KTO_CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kto_matches_trl(setup, family, case):
+  root, dirs, ref = setup
+  want = ref[family][f"kto_{case}"]
+  (root / family).mkdir(exist_ok=True)
+  ex = _ours(root / family, dirs[family], f"kto_{case}", KTO_CASES[case], pref_kind="unpaired", unpaired_kl=False)
+  (seq,) = ex.seqs
+  p, c = want["prompt_ids"], want["completion_ids"]
+  assert list(seq.tokens) == p + c and list(seq.weights.astype(int)) == [0] * len(p) + [1] * len(c)
+  assert ex.label == KTO_CASES[case]["label"]
 
 
 @pytest.mark.parity

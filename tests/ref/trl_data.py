@@ -2,15 +2,16 @@
 
     trl_data.py IN.npz OUT.npz
 
-IN: `spec`, a JSON string {"runs": [{"dir": tokenizer directory, "cases": [{"trainer": "sft" | "dpo",
+IN: `spec`, a JSON string {"runs": [{"dir": tokenizer directory, "cases": [{"trainer": "sft" | "dpo" | "kto",
 "record": {...}, "completion_only_loss": optional bool}]}]}.
-OUT: `result`, a JSON string: per run, per case, SFT {"input_ids", "labels"} or DPO {"prompt_ids", "chosen_ids",
-"rejected_ids"}, or {"error": message}.
+OUT: `result`, a JSON string: per run, per case, SFT {"input_ids", "labels"}, DPO {"prompt_ids", "chosen_ids",
+"rejected_ids"}, KTO {"prompt_ids", "completion_ids"}, or {"error": message}.
 
-`SFTTrainer._prepare_dataset` / `DPOTrainer._prepare_dataset` run unbound, on a stand-in for the trainer
+`SFTTrainer._prepare_dataset` / `DPOTrainer._prepare_dataset` / `KTOTrainer._prepare_dataset` run unbound, on a stand-in for the trainer
 that holds what they read of it (`_tokenizer`, and for SFT `completion_only_loss` and `chat_template`,
 set as `SFTTrainer.__init__` sets them: completion-only for prompt-completion data by default, no
-training template without `assistant_only_loss`), so no model is built.
+training template without `assistant_only_loss`; for KTO no KL pairs, which rotate completions within a
+batch), so no model is built.
 """
 import json
 import tempfile
@@ -19,7 +20,7 @@ import types
 import datasets
 import numpy as np
 import transformers
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from _common import parse_args, save
 
@@ -30,11 +31,12 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     sft_args = SFTConfig(output_dir=tmp, max_length=None, report_to=[], use_cpu=True, bf16=False)
     dpo_args = DPOConfig(output_dir=tmp, max_length=None, report_to=[], use_cpu=True, bf16=False)
-    runs = [run(r["dir"], r["cases"], sft_args, dpo_args) for r in spec["runs"]]
+    kto_args = KTOConfig(output_dir=tmp, max_length=None, report_to=[], use_cpu=True, bf16=False)
+    runs = [run(r["dir"], r["cases"], sft_args, dpo_args, kto_args) for r in spec["runs"]]
   save(out, result=np.array(json.dumps(runs)))
 
 
-def run(tok_dir, cases, sft_args, dpo_args):
+def run(tok_dir, cases, sft_args, dpo_args, kto_args):
   tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
   results = []
   for case in cases:
@@ -50,6 +52,12 @@ def run(tok_dir, cases, sft_args, dpo_args):
                                          dataset_name="train")
         row = ds[0]
         results.append({"input_ids": list(row["input_ids"]), "labels": list(row["labels"])})
+      elif case["trainer"] == "kto":
+        fake = types.SimpleNamespace(_tokenizer=tok, calculate_KL=False, desirable_weight=kto_args.desirable_weight,
+                                     undesirable_weight=kto_args.undesirable_weight)
+        ds = KTOTrainer._prepare_dataset(fake, dataset, tok, kto_args, dataset_name="train")
+        row = ds[0]
+        results.append({k: list(row[k]) for k in ("prompt_ids", "completion_ids")})
       else:
         fake = types.SimpleNamespace(_tokenizer=tok)
         ds = DPOTrainer._prepare_dataset(fake, dataset, tok, dpo_args, dataset_name="train")
