@@ -118,12 +118,16 @@ def preference_generation_examples(config, split: str, n: int | None = None
   """`data.eval_examples` for preference data: (prompt, best response) pairs and a verifier.
 
   Built-in tasks give the SFT pairs of the same problems and the task's verifier; other sources the best
-  response of each of the first `n` records (unpaired: desirable records only) and exact match.
+  response of each of the first `n` records (unpaired: desirable records only; chat records: the message
+  content, the prompt without the template's bos text) and exact match.
   """
   cfg = _preference.preference_config(config)
   if cfg.source == "builtin":
     return eval_examples({**cfg.to_dict(), "pref_kind": None}, split, n)
-  pairs = [(r.prompt, _preference.best_response(r)) for r in _preference.preference_eval_examples(cfg, split, n)]
+  records = _preference.preference_eval_examples(cfg, split, n)
+  tok = _config.get_tokenizer(cfg) if cfg.tokenizer and any(r.chat for r in records) else None
+  pairs = [(_config.strip_bos_text(cfg, tok, r.prompt) if r.chat else r.prompt, _preference.best_response(r))
+           for r in records]
   pairs = [(p, a) for p, a in pairs if a is not None]
   return pairs, _exact_match_verifier(pairs)
 

@@ -124,6 +124,7 @@ class PreferenceRecord(NamedTuple):
   label: bool | None = None                    # unpaired
   ref_logps: tuple[float, ...] | None = None   # one per response, with ref_logps_field
   chat: bool = False                           # rendered with a chat template (its turns end themselves)
+  answers: tuple[str, ...] | None = None       # chat: each response's message content (what a model generates)
 
 
 class PreferenceExample(NamedTuple):
@@ -172,12 +173,12 @@ def _message_list(value: Any, name: str) -> list:
 
 
 def _response_text(value: Any, name: str, prompt_msgs: list | None, render: Render | None
-                   ) -> tuple[str | None, str]:
-  """(prompt text or None, response text) of one response; "" when it is empty."""
+                   ) -> tuple[str | None, str, str]:
+  """(prompt text or None, response text, the message content) of one response; "" when it is empty."""
   if prompt_msgs is None:
     if not isinstance(value, str):
       raise DataError("wrong_type", f"{name!r} must be str, got {type(value).__name__}")
-    return None, value
+    return None, value, value
   if isinstance(value, str):
     msgs = [{"role": "assistant", "content": value}]
   elif isinstance(value, (list, dict)):
@@ -189,10 +190,10 @@ def _response_text(value: Any, name: str, prompt_msgs: list | None, render: Rend
     raise DataError("bad_messages", f"{name!r} must be one assistant message, got {len(msgs)} messages")
   full = _sft._messages({name: prompt_msgs + msgs}, name)  # pylint: disable=protected-access
   if not full[-1]["content"]:
-    return None, ""
+    return None, "", ""
   if render is None:
     raise ValueError("a record is in chat form (its prompt is a list of messages) but no renderer was given")
-  return render(full)
+  return (*render(full), full[-1]["content"])
 
 
 def _score(x: Any, what: str, ranks: bool) -> float | None:
@@ -242,13 +243,16 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     raise DataError("wrong_type", f"{fields.prompt!r} must be str or a list of messages, got "
                     f"{type(prompt).__name__}")
 
+  contents = []
+
   def texts(named_values):
     """(prompt text, response texts); a chat prompt's text comes from rendering a response."""
     prompt_text, out = (prompt if prompt_msgs is None else None), []
     for name, value in named_values:
-      p, r = _response_text(value, name, prompt_msgs, render)
+      p, r, c = _response_text(value, name, prompt_msgs, render)
       prompt_text = p if p is not None else prompt_text
       out.append(r)
+      contents.append(c)
     return prompt_text, out
 
   dropped = collections.Counter()
@@ -300,12 +304,14 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     if len(keep) > list_size:
       raise DataError("list_too_long", f"{len(keep)} valid responses > list_size {list_size}")
     responses = [responses[i] for i in keep]
+    contents[:] = [contents[i] for i in keep]
     scores = tuple(label_values[i] for i in keep)
     refs = [refs[i] for i in keep] if refs else None
   else:
     raise ValueError(f"unknown preference kind {kind!r}; valid: {', '.join(KINDS)}")
-  return PreferenceRecord(prompt_text, tuple(responses), scores, label,
-                          tuple(refs) if refs else None, prompt_msgs is not None), dropped
+  chat = prompt_msgs is not None
+  return PreferenceRecord(prompt_text, tuple(responses), scores, label, tuple(refs) if refs else None, chat,
+                          tuple(contents) if chat else None), dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,9 +590,11 @@ def preference_batch(records: Sequence[PreferenceRecord], config, *, tokenizer,
 
 
 def best_response(rec: PreferenceRecord) -> str | None:
-  """The response a model should generate: chosen, the desirable completion, or the top-scored entry."""
+  """The response a model should generate: chosen, the desirable completion, or the top-scored entry
+  (for a chat record its message content, not the rendered turn with its end-of-turn token)."""
+  answers = rec.answers if rec.answers is not None else rec.responses
   if rec.scores is not None:
-    return rec.responses[int(np.argmax(rec.scores))]
+    return answers[int(np.argmax(rec.scores))]
   if rec.label is False:
     return None
-  return rec.responses[0]
+  return answers[0]

@@ -353,3 +353,13 @@ def test_hf_datasets_local_files_and_save_to_disk(qwen, tmp_path, monkeypatch):
   with pytest.raises(data.DataError) as e:
     _examples({"source": "hf", "name": str(bad), "tokenizer": qwen})
   assert e.value.line == 2 and "'output'" in str(e.value)
+
+
+def test_preference_eval_pairs_are_contents_without_bos_text(llama3, tmp_path):
+  path = tmp_path / "train.jsonl"
+  data.write_jsonl(path, [RECORDS["ultrafeedback_binarized"][2]])
+  cfg = _cfg(llama3, path, pref_kind="pairwise")
+  (rec,) = data.preference_eval_examples(cfg, "train")
+  assert rec.chat and rec.answers == ("Blue.", "Green.") and rec.prompt.startswith("<|begin_of_text|>")
+  pairs, check = data.eval_examples(cfg, "train")
+  assert pairs == [(rec.prompt[len("<|begin_of_text|>"):], "Blue.")] and check(*pairs[0])
