@@ -363,3 +363,28 @@ def test_preference_eval_pairs_are_contents_without_bos_text(llama3, tmp_path):
   assert rec.chat and rec.answers == ("Blue.", "Green.") and rec.prompt.startswith("<|begin_of_text|>")
   pairs, check = data.eval_examples(cfg, "train")
   assert pairs == [(rec.prompt[len("<|begin_of_text|>"):], "Blue.")] and check(*pairs[0])
+
+
+def test_the_records_of_formats_md_read_as_their_section_says(qwen, tmp_path):
+  import pathlib
+  import re
+  text = (pathlib.Path(data.__file__).parent / "FORMATS.md").read_text()
+  checked = set()
+  for section in re.split(r"\n## ", text)[1:]:
+    name = section.split("\n", 1)[0].strip()
+    for k, block in enumerate(re.findall(r"```json\n(.*?)\n```", section, re.S)):
+      record = json.loads(block)
+      kinds = [kind for kind in (None, "pairwise", "unpaired", "listwise")
+               if _formats.detect(record, data._config.resolve({"pref_kind": kind})) == name]
+      assert kinds, (name, record)
+      path = tmp_path / f"{name}{k}.jsonl"
+      data.write_jsonl(path, [record])
+      read = []   # "fields" is also the fallback of every kind: some kind must read it
+      for kind in kinds:
+        try:
+          read.append(len(_examples(_cfg(qwen, path, pref_kind=kind))[1]))
+        except data.DataError:
+          continue
+      assert read and set(read) == {1}, (name, record)
+      checked.add(name)
+  assert checked == set(data.FORMATS) - {"auto"}
