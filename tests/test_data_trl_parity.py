@@ -45,6 +45,20 @@ DPO_CASES = {
     "conversational_multi_turn": {"prompt": Q + A("It is blue.") + [{"role": "user", "content": "And grass?"}],
                                   "chosen": A("It is green."), "rejected": A("It is red.")},
 }
+# ChatML with transformers' {% generation %} markers around each assistant turn's content and its end
+# "<|im_end|>\n", which is what assistant_only_loss learns here (TRL masks with transformers' assistant mask).
+CHATML_GENERATION = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MULTI_TURN = Q + A("It is blue.") + [{"role": "user", "content": "And grass?"}] + A("It is green.")
+ASSISTANT_CASES = {
+    "messages": {"messages": MULTI_TURN},
+    "prompt_completion": {"prompt": MULTI_TURN[:-1], "completion": MULTI_TURN[-1:]},
+}
 KTO_CASES = {
     "standard": {"prompt": "The sky is", "completion": " blue.", "label": True},
     "conversational": {"prompt": Q, "completion": A("It is green."), "label": False},
@@ -56,6 +70,8 @@ FAMILIES = list(chat_tokenizers.FAMILIES)
 
 def _cases():
   out = [{"trainer": "sft", "record": r, **o} for r, o in SFT_CASES.values()]
+  out += [{"trainer": "sft", "record": r, "assistant_only_loss": True, "chat_template": CHATML_GENERATION}
+          for r in ASSISTANT_CASES.values()]
   out += [{"trainer": "dpo", "record": r} for r in DPO_CASES.values()]
   return out + [{"trainer": "kto", "record": r} for r in KTO_CASES.values()]
 
@@ -69,7 +85,8 @@ def setup(tmp_path_factory):
   spec = {"runs": [{"dir": dirs[f], "cases": _cases()} for f in FAMILIES]}
   out = refenv.run("trl_data", {"spec": np.array(json.dumps(spec))})
   results = json.loads(str(out["result"]))
-  names = list(SFT_CASES) + [f"dpo_{k}" for k in DPO_CASES] + [f"kto_{k}" for k in KTO_CASES]
+  names = (list(SFT_CASES) + [f"assistant_{k}" for k in ASSISTANT_CASES] + [f"dpo_{k}" for k in DPO_CASES]
+           + [f"kto_{k}" for k in KTO_CASES])
   return root, dirs, {f: dict(zip(names, r))
                       for f, r in zip(FAMILIES, results)}
 
@@ -99,6 +116,22 @@ def test_sft_matches_trl(setup, family, case):
   assert list(ex.tokens) == want["input_ids"]
   learned = [int(x != -100) for x in want["labels"]]
   assert list(ex.weights[1:].astype(int)) == learned[1:]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("case", list(ASSISTANT_CASES))
+def test_assistant_only_loss_matches_trl(setup, case):
+  """Every assistant turn and what follows it up to the next turn, as TRL's assistant mask for a
+  template whose generation blocks hold exactly that (ChatML, newline after <|im_end|>)."""
+  root, dirs, ref = setup
+  want = ref["qwen2"][f"assistant_{case}"]
+  (root / "qwen2").mkdir(exist_ok=True)
+  ex = _ours(root / "qwen2", dirs["qwen2"], f"assistant_{case}", ASSISTANT_CASES[case], assistant_only_loss=True,
+             chat_template=CHATML_GENERATION)
+  assert list(ex.tokens) == want["input_ids"]
+  learned = [int(x != -100) for x in want["labels"]]
+  assert list(ex.weights[1:].astype(int)) == learned[1:]
+  assert sum(learned) > 0
 
 
 @pytest.mark.parity

@@ -3,7 +3,8 @@
     trl_data.py IN.npz OUT.npz
 
 IN: `spec`, a JSON string {"runs": [{"dir": tokenizer directory, "cases": [{"trainer": "sft" | "dpo" | "kto",
-"record": {...}, "completion_only_loss": optional bool}]}]}.
+"record": {...}, "completion_only_loss": optional bool, "assistant_only_loss": optional bool,
+"chat_template": optional template replacing the tokenizer's}]}]}.
 OUT: `result`, a JSON string: per run, per case, SFT {"input_ids", "labels"}, DPO {"prompt_ids", "chosen_ids",
 "rejected_ids"}, KTO {"prompt_ids", "completion_ids"}, or {"error": message}.
 
@@ -13,6 +14,7 @@ set as `SFTTrainer.__init__` sets them: completion-only for prompt-completion da
 training template without `assistant_only_loss`; for KTO no KL pairs, which rotate completions within a
 batch), so no model is built.
 """
+import dataclasses
 import json
 import tempfile
 import types
@@ -48,8 +50,15 @@ def run(tok_dir, cases, sft_args, dpo_args, kto_args):
         if only is None:
           only = "prompt" in record and "completion" in record
         fake = types.SimpleNamespace(_tokenizer=tok, completion_only_loss=only, chat_template=None)
-        ds = SFTTrainer._prepare_dataset(fake, dataset, tok, sft_args, packing=False, formatting_func=None,
-                                         dataset_name="train")
+        args = sft_args
+        if case.get("assistant_only_loss"):   # a template with {% generation %} markers: no training template
+          args = dataclasses.replace(sft_args, assistant_only_loss=True)
+        saved, tok.chat_template = tok.chat_template, case.get("chat_template") or tok.chat_template
+        try:
+          ds = SFTTrainer._prepare_dataset(fake, dataset, tok, args, packing=False, formatting_func=None,
+                                           dataset_name="train")
+        finally:
+          tok.chat_template = saved
         row = ds[0]
         results.append({"input_ids": list(row["input_ids"]), "labels": list(row["labels"])})
       elif case["trainer"] == "kto":
