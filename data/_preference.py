@@ -19,8 +19,13 @@ rendered with the chat template; each response is then one assistant message (a 
 list holding one message), and its text is what the template adds after the prompt's generation header,
 as for SFT chat records (`data._sft.render_chat`).
 
-**Batch.** Each response becomes the SFT example `bos + prompt + response + eos` (`data._sft.encode_sft`,
-loss on the response and its eos only) in a padded row of its own, never packed:
+Other formats (UltraFeedback, HH-RLHF, TRL's implicit prompt, ...) are turned into these records first
+(`data._formats`, `config.format`; data/FORMATS.md).
+
+**Batch.** Each response becomes the SFT example `bos + prompt + response + eos` (`data._sft.assemble`:
+bos and the end as the checkpoint makes them, loss on the response and its end only) in a padded row of
+its own, never packed. As in TRL's DPO, `prompt + response` is tokenized whole for each response and the
+responses start after the shortest common prefix of the prompt's own tokens with each of them:
 
     inputs, targets, loss_mask, positions, segment_ids  [B, K, T]  as SFT rows: segment 1, positions from 0
     scores        [B, K]  float32   listwise labels, higher is better; 0 on padding entries
