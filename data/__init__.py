@@ -19,7 +19,8 @@ Batches are dicts of numpy arrays `[B, T]`: `inputs`, `targets` (next token of t
 `loss_mask` (1 on response tokens and eos), `positions` (restart per document), `segment_ids` (1, 2...
 per document, 0 = padding). Each example is `bos + prompt + response + eos`, bos and the end as the
 checkpoint's tokenizer and chat template make them (`data._sft`); at generation time encode the prompt
-with `data.encode_prompt(tokenizer, prompt)` (bos exactly when training has it) and decode until eos.
+with `data.encode_prompt(tokenizer, prompt)` (bos exactly when training has it) and decode until one of
+`data.stop_ids(tokenizer)` (eos and the chat template's end-of-turn tokens).
 
 Formats (`cfg.format`, detected from the fields by default): the project's own fields, TRL's standard and
 conversational types, OpenAI messages, Alpaca, ShareGPT, HH-RLHF, UltraFeedback (binarized and rated
@@ -48,6 +49,7 @@ from data._sft import (REASONS, Example, SkipReport, adds_bos, build_examples, e
                        encode_sft, record_text)
 from data._sources import (ArrayRecordSource, ConcatSource, DataError, HFSource, JsonlSource, ListSource,
                            ParquetSource, TfdsSource, write_array_record, write_jsonl)
+from data._turns import stop_ids
 from data._synthetic import TASKS, CharTokenizer, Task, generate, get_task, is_held_out
 
 # Imported on first use: TFDS costs a second at import, and the tokenizer modules pull in their own

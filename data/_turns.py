@@ -123,3 +123,29 @@ def sft_segments(record: dict, template: str | None, variables: dict, *, complet
   if not completion_only_loss:
     return [("", False), (full, True)], True
   return [(full[:cut], False), (full[cut:], True)], True
+
+
+def stop_ids(tokenizer, chat_template: str | None = None) -> list[int]:
+  """The ids generation stops at: eos, and the end-of-turn tokens with which the chat template closes an
+  assistant turn (Gemma's `<end_of_turn>`, which is not its eos; ChatML's `<|im_end|>`). For
+  `generation_config.json` and for decoding chat models."""
+  ids = [] if tokenizer.eos_id is None else [int(tokenizer.eos_id)]
+  template = chat_template or getattr(tokenizer, "chat_template", None)
+  if not template:
+    return ids
+  specials = getattr(tokenizer, "special_tokens", None) or {}
+  variables = {f"{k}_token": v for k, v in specials.items() if v is not None}
+  msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+  try:
+    turns = assistant_turns(msgs, template, variables)
+  except DataError:
+    return ids
+  ends = set(getattr(tokenizer, "special_ids", ()) or ())
+  for text, learned in turns:
+    if learned:
+      try:
+        tokens = tokenizer.encode(text)
+      except ValueError:
+        continue
+      ids += [int(t) for t in tokens if t in ends and int(t) not in ids]
+  return ids

@@ -77,11 +77,16 @@ def _cases():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def family_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("trl_parity")
+  return root, {f: chat_tokenizers.make(f, str(root / f), CORPUS) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def setup(family_dirs):
   if not refenv.available():
     pytest.skip("reference environment (.venv-ref) missing")
-  root = tmp_path_factory.mktemp("trl_parity")
-  dirs = {f: chat_tokenizers.make(f, str(root / f), CORPUS) for f in FAMILIES}
+  root, dirs = family_dirs
   spec = {"runs": [{"dir": dirs[f], "cases": _cases()} for f in FAMILIES]}
   out = refenv.run("trl_data", {"spec": np.array(json.dumps(spec))})
   results = json.loads(str(out["result"]))
@@ -187,3 +192,12 @@ def test_families_cover_the_hard_cases(setup):
     assert data.adds_bos(tok)
     for case in ("standard", "conversational"):
       assert ref[family][case]["input_ids"].count(tok.bos_id) == 1
+
+
+def test_stop_ids_are_eos_and_the_end_of_turn(family_dirs):
+  _, dirs = family_dirs
+  want = {"llama3": ["<|eot_id|>"], "mistral": ["</s>"], "qwen2": ["<|im_end|>"], "gemma": ["<eos>", "<end_of_turn>"]}
+  for family, tokens in want.items():
+    tok = data.load_tokenizer(dirs[family])
+    assert data.stop_ids(tok) == [tok.token_to_id(t) for t in tokens], family
+  assert data.stop_ids(data.CharTokenizer()) == [data.CharTokenizer.eos_id]
