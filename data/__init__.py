@@ -28,12 +28,13 @@ lists); `data/FORMATS.md` shows a record of each. SFT loss: `completion_only_los
 
 Sources (`config.source`): builtin (sort, reverse, add), jsonl, parquet, tfds (array_record through
 `tfds.data_source`), array_record (JSON records), hf (`datasets`: hub names, local files, `save_to_disk`
-directories). File paths may be globs and hold "{split}". `prepare_synthetic`
-materialises a built-in task as a TFDS dataset.
+directories). File paths may be globs and hold "{split}". `prepare_synthetic` materialises a built-in
+task as a TFDS dataset.
 
 Modules: `_synthetic` tasks and CharTokenizer, `_sources` record sources, `_formats` dataset formats ->
-canonical records, `_turns` which text carries the loss, `_sft` text -> tokens and validation, `_packing` rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_tfds` TFDS builder,
-`_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
+canonical records, `_turns` which text carries the loss, `_sft` text -> tokens and validation, `_packing`
+rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_tfds` TFDS
+builder, `_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
 from data._dataset import (PREF_KINDS, SOURCES, default_config, eval_examples, get_dataset, get_tokenizer,

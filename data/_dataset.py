@@ -71,9 +71,9 @@ def eval_examples(config, split: str, n: int | None = None
   Built-in tasks verify by recomputing the answer from the prompt; other sources by exact match with
   the record's response (any of them, if a prompt repeats). For a conversation the prompt is the
   rendering up to the generation prompt without the template's leading bos text (encode it with
-  `data.encode_prompt`) and the answer is the last assistant message's content, not its rendered turn. Invalid records raise, or are skipped with
-  `skip_invalid`, as in `get_dataset`. Preference data (`pref_kind`) gives its preferred responses
-  (`data._preference.best_response`).
+  `data.encode_prompt`) and the answer is the last assistant message's content, not its rendered turn.
+  Invalid records raise, or are skipped with `skip_invalid`, as in `get_dataset`. Preference data
+  (`pref_kind`) gives its preferred responses (`data._preference.best_response`).
   """
   cfg = _config.resolve(config)
   if cfg.pref_kind:

@@ -161,7 +161,8 @@ def test_alpaca_joins_input_as_alpaca_does(qwen, tmp_path):
 
 def test_hh_without_a_chat_template_stays_text(tmp_path):
   path = tmp_path / "train.jsonl"
-  data.write_jsonl(path, [{"chosen": "\n\nHuman: sort 21\n\nAssistant: 12", "rejected": "\n\nHuman: sort 21\n\nAssistant: 21"}])
+  data.write_jsonl(path, [{"chosen": "\n\nHuman: sort 21\n\nAssistant: 12",
+                           "rejected": "\n\nHuman: sort 21\n\nAssistant: 21"}])
   cfg = {"source": "jsonl", "path": str(path), "pref_kind": "pairwise"}
   (rec,) = data.preference_eval_examples(cfg, "train")
   assert rec.prompt == "\n\nHuman: sort 21\n\nAssistant:" and rec.responses == (" 12", " 21") and not rec.chat
@@ -315,8 +316,9 @@ def test_tfds_holds_a_format(qwen, tmp_path):
       return None
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"conversations": tfds.features.Sequence(
-          {"from": tfds.features.Text(), "value": tfds.features.Text()})}))
+      turn = {"from": tfds.features.Text(), "value": tfds.features.Text()}
+      features = tfds.features.FeaturesDict({"conversations": tfds.features.Sequence(turn)})
+      return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -349,7 +351,8 @@ def test_hf_datasets_local_files_and_save_to_disk(qwen, tmp_path, monkeypatch):
   assert len(examples) == 2 and _learned(tok, examples[0]) == "Blue.<|im_end|>\n"
   assert len(_examples(cfg, "test")[1]) == 1
   bad = tmp_path / "bad"
-  datasets.Dataset.from_list([RECORDS["alpaca"][2], {"instruction": "x", "input": "", "output": None}]).save_to_disk(str(bad))
+  bad_rows = [RECORDS["alpaca"][2], {"instruction": "x", "input": "", "output": None}]
+  datasets.Dataset.from_list(bad_rows).save_to_disk(str(bad))
   with pytest.raises(data.DataError) as e:
     _examples({"source": "hf", "name": str(bad), "tokenizer": qwen})
   assert e.value.line == 2 and "'output'" in str(e.value)

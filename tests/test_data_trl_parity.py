@@ -177,7 +177,8 @@ def test_families_cover_the_hard_cases(setup):
   end-of-turn not eos, and BOS never twice where both the post-processor and the template add it."""
   root, dirs, ref = setup
   refused = sorted((f, c) for f, cases in ref.items() for c, r in cases.items() if "error" in r)
-  assert refused == [(f, c) for f in ("gemma", "mistral") for c in ("conversational_system", "dpo_conversational_system")]
+  system = ("conversational_system", "dpo_conversational_system")
+  assert refused == [(f, c) for f in ("gemma", "mistral") for c in system]
   qwen = data.load_tokenizer(dirs["qwen2"])
   assert qwen.bos_id is None and not data.adds_bos(qwen)
   ids = ref["qwen2"]["conversational"]["input_ids"]

@@ -8,11 +8,11 @@ IN: `spec`, a JSON string {"runs": [{"dir": tokenizer directory, "cases": [{"tra
 OUT: `result`, a JSON string: per run, per case, SFT {"input_ids", "labels"}, DPO {"prompt_ids", "chosen_ids",
 "rejected_ids"}, KTO {"prompt_ids", "completion_ids"}, or {"error": message}.
 
-`SFTTrainer._prepare_dataset` / `DPOTrainer._prepare_dataset` / `KTOTrainer._prepare_dataset` run unbound, on a stand-in for the trainer
-that holds what they read of it (`_tokenizer`, and for SFT `completion_only_loss` and `chat_template`,
-set as `SFTTrainer.__init__` sets them: completion-only for prompt-completion data by default, no
-training template without `assistant_only_loss`; for KTO no KL pairs, which rotate completions within a
-batch), so no model is built.
+`SFTTrainer._prepare_dataset` / `DPOTrainer._prepare_dataset` / `KTOTrainer._prepare_dataset` run
+unbound, on a stand-in for the trainer that holds what they read of it (`_tokenizer`; for SFT
+`completion_only_loss` and `chat_template`, set as `SFTTrainer.__init__` sets them: completion-only for
+prompt-completion data by default, no training template for a template with generation blocks; for KTO
+no KL pairs, which rotate completions within a batch), so no model is built.
 """
 import dataclasses
 import json
