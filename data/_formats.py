@@ -262,11 +262,12 @@ def prompt_and_answer(canonical: dict) -> tuple[Any, str] | None:
 def extract_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
   """(prompt, chosen, rejected) from an implicit prompt, as `trl.extract_prompt` (TRL 1.16) splits it:
   the longest common prefix (characters, or whole messages), a space before the split going with the
-  completions. Where one is a prefix of the other TRL's loop ends on the last index; so does this."""
+  completions. Where one is a prefix of the other TRL's loop ends on the last index; so does this. (TRL
+  also looks at `chosen[-1]` when the very first items differ; here nothing is shared then.)"""
   idx = 0
   for idx in range(min(len(chosen), len(rejected))):
     if chosen[idx] != rejected[idx]:
-      if chosen[idx - 1] == " ":
+      if idx > 0 and chosen[idx - 1] == " ":
         idx -= 1
       break
   return chosen[:idx], chosen[idx:], rejected[idx:]

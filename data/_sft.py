@@ -5,7 +5,7 @@
 
 The loss is on the response and its end (the packer turns `weights` into the target mask).
 
-**Tokenization follows the checkpoint** (as TRL 1.16 tokenizes, `data.FORMATS.md`):
+**Tokenization follows the checkpoint** (as TRL 1.16 tokenizes; data/FORMATS.md):
   - the text is tokenized whole (prompt + response, as rendered) and the response starts where the
     tokens of the prompt alone stop agreeing with it (TRL's `common_prefix_length`);
   - bos leads the sequence when the tokenizer's own configuration adds it (`adds_bos`: `add_bos_token`,

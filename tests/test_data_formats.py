@@ -350,6 +350,11 @@ def test_hf_datasets_local_files_and_save_to_disk(qwen, tmp_path, monkeypatch):
   tok, examples = _examples(cfg)
   assert len(examples) == 2 and _learned(tok, examples[0]) == "Blue.<|im_end|>\n"
   assert len(_examples(cfg, "test")[1]) == 1
+  local = tmp_path / "local"            # a directory of data files, as load_dataset reads it
+  local.mkdir()
+  data.write_jsonl(local / "train.jsonl", [RECORDS["sharegpt"][2]] * 3)
+  tok, examples = _examples({"source": "hf", "name": str(local), "tokenizer": qwen})
+  assert len(examples) == 3 and _learned(tok, examples[0]) == "Hi.<|im_end|>\n"
   bad = tmp_path / "bad"
   bad_rows = [RECORDS["alpaca"][2], {"instruction": "x", "input": "", "output": None}]
   datasets.Dataset.from_list(bad_rows).save_to_disk(str(bad))
@@ -391,3 +396,11 @@ def test_the_records_of_formats_md_read_as_their_section_says(qwen, tmp_path):
       assert read and set(read) == {1}, (name, record)
       checked.add(name)
   assert checked == set(data.FORMATS) - {"auto"}
+
+
+def test_extract_prompt_as_trl():
+  assert data.extract_prompt("The sky is blue.", "The sky is green.") == ("The sky is", " blue.", " green.")
+  assert data.extract_prompt("ab", "abc") == ("a", "b", "bc")     # TRL's loop ends on the last index
+  assert data.extract_prompt("x ", "y") == ("", "x ", "y")
+  q, a, b = [USER], {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}
+  assert data.extract_prompt(q + [a], q + [b]) == (q, [a], [b])
