@@ -5,14 +5,18 @@ the other's private names. A wrong key in the config fails at once with the vali
 """
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 import numpy as np
 
 from data import _formats
 from data import _packing
 from data import _pref_synthetic
+from data import _sft
 from data import _sources
 from data import _synthetic
+from data import _turns
 
 SOURCES = ("builtin", "jsonl", "parquet", "tfds", "array_record", "hf")
 PREF_KINDS = _pref_synthetic.KINDS
@@ -205,12 +209,46 @@ def record_format(cfg, source) -> str:
 _ANNOUNCED: set = set()
 
 
-def strip_bos_text(cfg, tokenizer, prompt: str) -> str:
-  """A rendered chat prompt without the template's leading bos token text: generation encodes prompts
-  with `data.encode_prompt` (or `add_bos=True`), which adds bos when the tokenizer does."""
-  _, specials = chat_setup(cfg, tokenizer)
-  bos = specials.get("bos_token")
-  return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+class ChatTemplate:
+  """The chat template of the config (or the tokenizer) and its special-token variables, looked up at
+  the first conversation (the tokenizer is loaded then, from `cfg.tokenizer`, when none is given)."""
+
+  def __init__(self, cfg, tokenizer=None):
+    self.cfg, self.tokenizer, self._setup = cfg, tokenizer, None
+
+  def setup(self) -> tuple[Any, str | None, dict]:
+    """(tokenizer or None, template or None, variables)."""
+    if self._setup is None:
+      tok = self.tokenizer
+      if tok is None and (self.cfg.tokenizer or self.cfg.source == "builtin"):
+        tok = get_tokenizer(self.cfg)
+      self._setup = (tok,) + chat_setup(self.cfg, tok)
+    return self._setup
+
+  @property
+  def available(self) -> bool:
+    return bool(self.setup()[1])
+
+  def _template(self) -> str:
+    template = self.setup()[1]
+    if not template:
+      raise ValueError("the records are conversations but there is no chat template: set "
+                       "config.chat_template or use a tokenizer that has one")
+    return template
+
+  def render_split(self, messages) -> tuple[str, str]:
+    """(prompt, last turn) of a conversation ending with the assistant's message (`data._sft.render_chat`)."""
+    return _sft.render_chat(messages, self._template(), self.setup()[2])
+
+  def generation_prompt(self, messages) -> str:
+    """The conversation up to the generation prompt, without the template's leading bos text."""
+    return self.strip_bos(_turns.render(self._template(), messages, True, self.setup()[2]))
+
+  def strip_bos(self, prompt: str) -> str:
+    """A rendered prompt without the template's leading bos token text: generation encodes prompts with
+    `data.encode_prompt` (or `add_bos=True`), which adds bos when the tokenizer does."""
+    bos = self.setup()[2].get("bos_token")
+    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
 
 
 def chat_setup(cfg, tokenizer) -> tuple[str | None, dict]:

@@ -82,20 +82,12 @@ def eval_examples(config, split: str, n: int | None = None
     with cfg.unlocked():
       cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set
   source = _config.make_source(cfg, split)
-  fmt = _config.record_format(cfg, source)
-  setup = []
+  fmt, chat = _config.record_format(cfg, source), _config.ChatTemplate(cfg)
 
   def pair(record):
     prompt, answer = _eval_pair(_formats.sft_record(record, fmt, cfg))
     if isinstance(prompt, list):   # a conversation: its rendering up to the generation prompt
-      if not setup:
-        tok = _config.get_tokenizer(cfg) if (cfg.tokenizer or cfg.source == "builtin") else None
-        setup.append((tok,) + _config.chat_setup(cfg, tok))
-      tok, template, specials = setup[0]
-      if not template:
-        raise ValueError("the records are conversations but there is no chat template: set "
-                         "config.chat_template or config.tokenizer")
-      prompt = _config.strip_bos_text(cfg, tok, _turns.render(template, prompt, True, specials))
+      prompt = chat.generation_prompt(prompt)
     return prompt, answer
 
   pairs, _ = _sft.build_examples(source, _config.indices(cfg, source, split)[:n], pair,
@@ -124,10 +116,8 @@ def preference_generation_examples(config, split: str, n: int | None = None
   cfg = _preference.preference_config(config)
   if cfg.source == "builtin":
     return eval_examples({**cfg.to_dict(), "pref_kind": None}, split, n)
-  records = _preference.preference_eval_examples(cfg, split, n)
-  tok = _config.get_tokenizer(cfg) if cfg.tokenizer and any(r.chat for r in records) else None
-  pairs = [(_config.strip_bos_text(cfg, tok, r.prompt) if r.chat else r.prompt, _preference.best_response(r))
-           for r in records]
+  records, chat = _preference.preference_eval_examples(cfg, split, n), _config.ChatTemplate(cfg)
+  pairs = [(chat.strip_bos(r.prompt) if r.chat else r.prompt, _preference.best_response(r)) for r in records]
   pairs = [(p, a) for p, a in pairs if a is not None]
   return pairs, _exact_match_verifier(pairs)
 

@@ -485,48 +485,22 @@ def preference_config(config):
   return cfg
 
 
-class _Chat:
-  """The chat template of the config (or the tokenizer), looked up at the first chat record."""
-
-  def __init__(self, cfg, tokenizer=None):
-    self.cfg, self.tokenizer, self._setup = cfg, tokenizer, None
-
-  def setup(self):
-    if self._setup is None:
-      tok = self.tokenizer
-      if tok is None and (self.cfg.tokenizer or self.cfg.source == "builtin"):
-        tok = _config.get_tokenizer(self.cfg)
-      self._setup = (tok,) + _config.chat_setup(self.cfg, tok)
-    return self._setup
-
-  @property
-  def available(self) -> bool:
-    return bool(self.setup()[1])
-
-  def render(self, messages):
-    _, template, specials = self.setup()
-    if not template:
-      raise ValueError("a record is in chat form (its prompt is a list of messages) but there is no chat "
-                       "template: set config.chat_template or use a tokenizer that has one")
-    return _sft.render_chat(messages, template, specials)
-
-
 def _renderer(cfg, tokenizer=None) -> Render:
   """Chat rendering with the config's (or the tokenizer's) template, set up at the first chat record."""
-  return _Chat(cfg, tokenizer).render
+  return _config.ChatTemplate(cfg, tokenizer).render_split
 
 
 def record_reader(cfg, source, tokenizer=None) -> Callable[[Any], tuple[PreferenceRecord, collections.Counter]]:
   """record -> (PreferenceRecord, dropped list entries) for the source's format (`data._formats`)."""
   fmt = _config.record_format(cfg, source)
-  chat = _Chat(cfg, tokenizer)
+  chat = _config.ChatTemplate(cfg, tokenizer)
   fields = Fields.from_config(cfg) if fmt == "fields" else Fields(ref_logps=cfg.ref_logps_field)
 
   def read(record):
     if fmt != "fields":
       record = _formats.preference_record(record, fmt, cfg, chat=fmt in ("hh_rlhf", "ultrafeedback")
                                           and chat.available)
-    return record_preference(record, cfg.pref_kind, fields, render=chat.render, list_size=cfg.list_size,
+    return record_preference(record, cfg.pref_kind, fields, render=chat.render_split, list_size=cfg.list_size,
                              allow_identical=cfg.allow_identical)
   return read
 
