@@ -30,6 +30,9 @@ def A(text):
 SFT_CASES = {
     "standard": ({"prompt": "The sky is", "completion": " blue."}, {}),
     "standard_text": ({"text": "The sky is blue."}, {}),
+    # The prompt's trailing space merges into the completion's first token: the completion starts where
+    # the prompt's own tokens stop agreeing with the whole text.
+    "standard_boundary": ({"prompt": "The sky is ", "completion": "blue."}, {}),
     "conversational": ({"prompt": Q, "completion": A("It is blue.")}, {}),
     "conversational_system": ({"prompt": SYS + Q, "completion": A("Blue.")}, {}),
     "conversational_multi_turn": ({"prompt": Q + A("It is blue.") + [{"role": "user", "content": "And grass?"}],
@@ -39,6 +42,7 @@ SFT_CASES = {
 DPO_CASES = {
     "standard": {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
     "standard_implicit": {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    "standard_boundary": {"prompt": "The sky is ", "chosen": "blue.", "rejected": "green."},
     "conversational": {"prompt": Q, "chosen": A("It is blue."), "rejected": A("It is green.")},
     "conversational_implicit": {"chosen": Q + A("It is blue."), "rejected": Q + A("It is green.")},
     "conversational_system": {"prompt": SYS + Q, "chosen": A("Blue."), "rejected": A("Green.")},
