@@ -236,9 +236,10 @@ class ChatTemplate:
                        "config.chat_template or use a tokenizer that has one")
     return template
 
-  def render_split(self, messages) -> tuple[str, str]:
-    """(prompt, last turn) of a conversation ending with the assistant's message (`data._sft.render_chat`)."""
-    return _sft.render_chat(messages, self._template(), self.setup()[2])
+  def render_split(self, messages, **kwargs) -> tuple[str, str]:
+    """(prompt, last turn) of a conversation ending with the assistant's message (`data._sft.render_chat`);
+    `kwargs`: more template variables (a record's `tools`)."""
+    return _sft.render_chat(messages, self._template(), {**self.setup()[2], **kwargs})
 
   def generation_prompt(self, messages) -> str:
     """The conversation up to the generation prompt, without the template's leading bos text."""

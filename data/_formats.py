@@ -29,6 +29,7 @@ record raises a `DataError` naming the field of the original format.
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -197,14 +198,46 @@ def _hh(record: dict, name: str) -> list[dict]:
   return msgs
 
 
+def template_kwargs(record: dict) -> dict:
+  """What a record gives its chat template beside the messages, as TRL passes it: `tools` (a list, or
+  a JSON string of one) and the keywords of `chat_template_kwargs` (e.g. `enable_thinking`)."""
+  out = {}
+  tools = record.get("tools")
+  if isinstance(tools, str):
+    try:
+      tools = json.loads(tools)
+    except json.JSONDecodeError as e:
+      raise DataError("wrong_type", f"'tools' is a string but not JSON: {e}") from None
+  if tools is not None:
+    if not isinstance(tools, list):
+      raise DataError("wrong_type", f"'tools' must be a list of tool schemas, got {type(tools).__name__}")
+    out["tools"] = tools
+  kwargs = record.get("chat_template_kwargs")
+  if kwargs is not None:
+    if not isinstance(kwargs, dict):
+      raise DataError("wrong_type", f"'chat_template_kwargs' must be a mapping, got {type(kwargs).__name__}")
+    out.update(kwargs)
+  return out
+
+
 # ------------------------------------------------------------------------------------------------
 # SFT.
 # ------------------------------------------------------------------------------------------------
 
 def sft_record(record: Any, fmt: str, cfg) -> dict:
-  """The canonical SFT record (`data._turns`) of a record in format `fmt` (not "auto")."""
+  """The canonical SFT record (`data._turns`) of a record in format `fmt` (not "auto"); a conversation
+  carries its `template_kwargs`."""
   if not isinstance(record, dict):
     raise DataError("wrong_type", f"a record must be a mapping, got {type(record).__name__}")
+  canonical = _sft_record(record, fmt, cfg)
+  if "text" not in canonical and not isinstance(canonical.get("prompt"), str):
+    extra = template_kwargs(record)
+    if extra:
+      canonical["template_kwargs"] = extra
+  return canonical
+
+
+def _sft_record(record: dict, fmt: str, cfg) -> dict:
   if fmt == "fields":
     if cfg.messages_field:
       return {"messages": _chat(record, cfg.messages_field)}

@@ -83,6 +83,7 @@ zero-length sequence.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
@@ -239,6 +240,9 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
   if not isinstance(record, dict):
     raise DataError("wrong_type", f"a record must be a mapping, got {type(record).__name__}")
   prompt = _present(record, fields.prompt)
+  extra = _formats.template_kwargs(record) if isinstance(prompt, (list, dict)) else {}
+  if extra and render is not None:   # the record's tools / chat_template_kwargs, as TRL passes them
+    render = functools.partial(render, **extra)
   prompt_msgs = None
   if isinstance(prompt, (list, dict)):
     prompt_msgs = _message_list(prompt, fields.prompt)

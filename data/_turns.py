@@ -10,6 +10,8 @@ Canonical SFT records (what `data._formats` makes of every format, TRL's dataset
     {"prompt": [msgs], "completion": [msgs]}  conversational prompt-completion
     {"messages": [msgs]}                      conversational language modeling, last message the assistant's
 
+A conversation may carry "template_kwargs" (the record's `tools`, `chat_template_kwargs`) for the template.
+
 The loss (TRL's options, same names):
   - `completion_only_loss=True` (default): on the completion only; a `messages` record is read as the
     prompt (every message before the last) and the completion (the last assistant message), so only the
@@ -83,6 +85,7 @@ def sft_segments(record: dict, template: str | None, variables: dict, *, complet
                  assistant_only_loss: bool = False) -> tuple[Segments, bool]:
   """(segments, chat) of a canonical record; `chat`: rendered with the template."""
   from data import _sft  # pylint: disable=g-import-not-at-top
+  variables = {**variables, **record.get("template_kwargs", {})}
   if "text" in record:
     if assistant_only_loss:
       raise ValueError("assistant_only_loss needs conversational records (messages), not plain text")

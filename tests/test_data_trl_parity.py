@@ -58,6 +58,21 @@ CHATML_GENERATION = (
     "{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}"
     "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# ChatML with a tools block (Qwen2.5's layout, shortened): records carrying `tools` (a list, or JSON text) and
+# `chat_template_kwargs` render it, as TRL passes them to the template.
+CHATML_TOOLS = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}{% if brief %}{{ 'Be brief. ' }}{% endif %}"
+    "{{ 'Tools:\n<tools>' }}{% for tool in tools %}{{ '\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '\n</tools><|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "sky_color", "description": "The sky's color",
+                                           "parameters": {"type": "object", "properties": {}}}}]
+TOOLS_CASES = {
+    "sft": {"prompt": Q, "completion": A("It is blue."), "tools": json.dumps(TOOLS),
+            "chat_template_kwargs": {"brief": True}},
+    "dpo": {"prompt": Q, "chosen": A("It is blue."), "rejected": A("It is green."), "tools": json.dumps(TOOLS)},
+}
 MULTI_TURN = Q + A("It is blue.") + [{"role": "user", "content": "And grass?"}] + A("It is green.")
 ASSISTANT_CASES = {
     "messages": {"messages": MULTI_TURN},
@@ -76,6 +91,7 @@ def _cases():
   out = [{"trainer": "sft", "record": r, **o} for r, o in SFT_CASES.values()]
   out += [{"trainer": "sft", "record": r, "assistant_only_loss": True, "chat_template": CHATML_GENERATION}
           for r in ASSISTANT_CASES.values()]
+  out += [{"trainer": k, "record": r, "chat_template": CHATML_TOOLS} for k, r in TOOLS_CASES.items()]
   out += [{"trainer": "dpo", "record": r} for r in DPO_CASES.values()]
   return out + [{"trainer": "kto", "record": r} for r in KTO_CASES.values()]
 
@@ -94,8 +110,8 @@ def setup(family_dirs):
   spec = {"runs": [{"dir": dirs[f], "cases": _cases()} for f in FAMILIES]}
   out = refenv.run("trl_data", {"spec": np.array(json.dumps(spec))})
   results = json.loads(str(out["result"]))
-  names = (list(SFT_CASES) + [f"assistant_{k}" for k in ASSISTANT_CASES] + [f"dpo_{k}" for k in DPO_CASES]
-           + [f"kto_{k}" for k in KTO_CASES])
+  names = (list(SFT_CASES) + [f"assistant_{k}" for k in ASSISTANT_CASES] + [f"tools_{k}" for k in TOOLS_CASES]
+           + [f"dpo_{k}" for k in DPO_CASES] + [f"kto_{k}" for k in KTO_CASES])
   return root, dirs, {f: dict(zip(names, r))
                       for f, r in zip(FAMILIES, results)}
 
@@ -141,6 +157,26 @@ def test_assistant_only_loss_matches_trl(setup, case):
   learned = [int(x != -100) for x in want["labels"]]
   assert list(ex.weights[1:].astype(int)) == learned[1:]
   assert sum(learned) > 0
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("case", list(TOOLS_CASES))
+def test_record_tools_and_template_kwargs_match_trl(setup, case):
+  root, dirs, ref = setup
+  want = ref["qwen2"][f"tools_{case}"]
+  (root / "qwen2").mkdir(exist_ok=True)
+  opts = {"pref_kind": "pairwise"} if case == "dpo" else {}
+  ex = _ours(root / "qwen2", dirs["qwen2"], f"tools_{case}", TOOLS_CASES[case], chat_template=CHATML_TOOLS, **opts)
+  tok = data.load_tokenizer(dirs["qwen2"])
+  if case == "sft":
+    assert list(ex.tokens) == want["input_ids"]
+    assert list(ex.weights[1:].astype(int)) == [int(x != -100) for x in want["labels"]][1:]
+    assert "Be brief. Tools:" in tok.decode(ex.tokens)
+  else:
+    p = want["prompt_ids"]
+    for seq, completion in zip(ex.seqs, (want["chosen_ids"], want["rejected_ids"])):
+      assert list(seq.tokens) == p + completion
+    assert '"name": "sky_color"' in tok.decode(ex.seqs[0].tokens)
 
 
 @pytest.mark.parity

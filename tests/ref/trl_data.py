@@ -44,6 +44,7 @@ def run(tok_dir, cases, sft_args, dpo_args, kto_args):
   for case in cases:
     record = case["record"]
     dataset = datasets.Dataset.from_list([record])
+    saved, tok.chat_template = tok.chat_template, case.get("chat_template") or tok.chat_template
     try:
       if case["trainer"] == "sft":
         only = case.get("completion_only_loss")
@@ -53,12 +54,8 @@ def run(tok_dir, cases, sft_args, dpo_args, kto_args):
         args = sft_args
         if case.get("assistant_only_loss"):   # a template with {% generation %} markers: no training template
           args = dataclasses.replace(sft_args, assistant_only_loss=True)
-        saved, tok.chat_template = tok.chat_template, case.get("chat_template") or tok.chat_template
-        try:
-          ds = SFTTrainer._prepare_dataset(fake, dataset, tok, args, packing=False, formatting_func=None,
-                                           dataset_name="train")
-        finally:
-          tok.chat_template = saved
+        ds = SFTTrainer._prepare_dataset(fake, dataset, tok, args, packing=False, formatting_func=None,
+                                         dataset_name="train")
         row = ds[0]
         results.append({"input_ids": list(row["input_ids"]), "labels": list(row["labels"])})
       elif case["trainer"] == "kto":
@@ -74,6 +71,8 @@ def run(tok_dir, cases, sft_args, dpo_args, kto_args):
         results.append({k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
     except Exception as e:  # pylint: disable=broad-except
       results.append({"error": f"{type(e).__name__}: {e}"})
+    finally:
+      tok.chat_template = saved
   return results
 
 
