@@ -229,11 +229,13 @@ def encode_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, seq_len:
   if not segments or not segments[-1][0]:
     raise DataError("empty_response", "the response is empty")
   text = "".join(t for t, _ in segments)
-  full = _encode(tokenizer, text, "text")
-  bounds, pos = [], 0
+  prefixes, pos = [], 0
   for t, _ in segments[:-1]:
     pos += len(t)
-    prefix = _encode(tokenizer, text[:pos], "prompt")
+    prefixes.append(_encode(tokenizer, text[:pos], "prompt"))
+  full = _encode(tokenizer, text, "response")
+  bounds = []
+  for prefix in prefixes:
     bounds.append(max([common_prefix_length(prefix, full)] + bounds))
   start = bounds[-1] if bounds else 0
   weights = np.zeros(start, np.float32)
