@@ -25,11 +25,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from data import _chat
 
 _SPECIALS = ("bos", "eos", "pad", "unk")
+_MARKER = re.compile(r"<[^<>\s]+>|\[[^\[\]\s]+\]")
 
 
 @runtime_checkable
@@ -160,8 +162,16 @@ class SentencePieceTokenizer(_ChatMixin):
     self.special_tokens = {k: None if i is None else self._sp.id_to_piece(i)
                            for k, i in zip(_SPECIALS, (self.bos_id, self.eos_id, self.pad_id, self.unk_id))}
     self.add_bos_token = (True if add_bos_token is None else bool(add_bos_token)) and self.bos_id is not None
-    control = {i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)}
-    self.special_ids = frozenset((control | {self.eos_id}) - {self.bos_id, self.pad_id, self.unk_id, None})
+    # Control pieces, and user-defined ones that look like markers (`<end_of_turn>`): the Python API does
+    # not tell user-defined pieces apart, but they are the marker-like pieces that encode to themselves
+    # (after the dummy-prefix piece, if any).
+    special = set()
+    for i in range(self._sp.get_piece_size()):
+      piece = self._sp.id_to_piece(i)
+      if self._sp.is_control(i) or (_MARKER.fullmatch(piece) and not self._sp.is_byte(i)
+                                    and self._sp.encode(piece)[-1:] == [i]):
+        special.add(i)
+    self.special_ids = frozenset((special | {self.eos_id}) - {self.bos_id, self.pad_id, self.unk_id, None})
 
   @classmethod
   def from_dir(cls, path: str) -> "SentencePieceTokenizer":

@@ -404,3 +404,23 @@ def test_extract_prompt_as_trl():
   assert data.extract_prompt("x ", "y") == ("", "x ", "y")
   q, a, b = [USER], {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}
   assert data.extract_prompt(q + [a], q + [b]) == (q, [a], [b])
+
+
+def test_sentencepiece_end_of_turn_is_special(tmp_path):
+  """A SentencePiece model whose end-of-turn marker is a user-defined piece (Gemma's <end_of_turn>): the
+  rendered turn ends itself, no eos is appended."""
+  import io
+  spm = pytest.importorskip("sentencepiece")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=model, vocab_size=400,
+                                 user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], hard_vocab_limit=False,
+                                 byte_fallback=True, minloglevel=2)
+  (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+  tok = data.load_tokenizer(str(tmp_path))
+  end = tok._sp.piece_to_id("<end_of_turn>")
+  assert end in tok.special_ids and tok.eos_id in tok.special_ids
+  assert not any(tok._sp.is_byte(i) for i in tok.special_ids)
+  segments = [("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n", False),   # Gemma's layout
+              ("Hello.<end_of_turn>\n", True)]
+  ex = data.encode_segments(segments, tok, seq_len=128, chat=True)
+  assert ex.tokens[0] == tok.bos_id and end in ex.tokens and ex.tokens[-1] != tok.eos_id
