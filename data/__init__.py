@@ -17,29 +17,40 @@ versions with graded wrong answers (`generate_preference`).
 
 Batches are dicts of numpy arrays `[B, T]`: `inputs`, `targets` (next token of the same document),
 `loss_mask` (1 on response tokens and eos), `positions` (restart per document), `segment_ids` (1, 2...
-per document, 0 = padding). Each example is `bos + prompt + response + eos`; at generation time encode
-the prompt with `add_bos=True` and decode until eos.
+per document, 0 = padding). Each example is `bos + prompt + response + eos`, bos and the end as the
+checkpoint's tokenizer and chat template make them (`data._sft`); at generation time encode the prompt
+with `data.encode_prompt(tokenizer, prompt)` (bos exactly when training has it) and decode until one of
+`data.stop_ids(tokenizer)` (eos and the chat template's end-of-turn tokens).
+
+Formats (`cfg.format`, detected from the fields by default): the project's own fields, TRL's standard and
+conversational types, OpenAI messages, Alpaca, ShareGPT, HH-RLHF, UltraFeedback (binarized and rated
+lists); `data/FORMATS.md` shows a record of each. SFT loss: `completion_only_loss`, `assistant_only_loss`.
 
 Sources (`config.source`): builtin (sort, reverse, add), jsonl, parquet, tfds (array_record through
-`tfds.data_source`), array_record (JSON records), hf (when `datasets` is installed). `prepare_synthetic`
-materialises a built-in task as a TFDS dataset.
+`tfds.data_source`), array_record (JSON records), hf (`datasets`: hub names, local files, `save_to_disk`
+directories). File paths may be globs and hold "{split}". `prepare_synthetic` materialises a built-in
+task as a TFDS dataset.
 
-Modules: `_synthetic` tasks and CharTokenizer, `_sources` record sources, `_sft` record -> tokens and
-validation, `_packing` rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_tfds` TFDS builder,
-`_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
+Modules: `_synthetic` tasks and CharTokenizer, `_sources` record sources, `_formats` dataset formats ->
+canonical records, `_turns` which text carries the loss, `_sft` text -> tokens and validation, `_packing`
+rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_tfds` TFDS
+builder, `_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
 from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source
 from data._dataset import eval_examples, get_dataset, preference_generation_examples
+from data._formats import FORMATS, extract_prompt
 from data._packing import FIELDS, MODES, pack
 from data._pipeline import BatchIterator, SFTDataset
 from data._pref_synthetic import corrupt, generate_preference, wrong_digits
 from data._preference import (PREF_REASONS, PreferenceDataset, PreferenceExample, PreferenceRecord, num_sequences,
                               PreferenceReport, encode_preference, get_preference_dataset, layout,
                               preference_batch, preference_eval_examples, record_preference)
-from data._sft import REASONS, Example, SkipReport, build_examples, encode_sft, record_text
-from data._sources import (ArrayRecordSource, DataError, HFSource, JsonlSource, ListSource, ParquetSource,
-                           TfdsSource, write_array_record, write_jsonl)
+from data._sft import (REASONS, Example, SkipReport, adds_bos, build_examples, encode_prompt, encode_segments,
+                       encode_sft, record_text)
+from data._sources import (ArrayRecordSource, ConcatSource, DataError, HFSource, JsonlSource, ListSource,
+                           ParquetSource, TfdsSource, write_array_record, write_jsonl)
+from data._turns import stop_ids
 from data._synthetic import TASKS, CharTokenizer, Task, generate, get_task, is_held_out
 
 # Imported on first use: TFDS costs a second at import, and the tokenizer modules pull in their own

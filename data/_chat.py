@@ -9,8 +9,9 @@ The environment matches transformers' `apply_chat_template`: a sandboxed Jinja e
 HTML and accepts `indent` / `separators` / `sort_keys`, and the globals `raise_exception(msg)` and
 `strftime_now(fmt)`. `{% generation %}...{% endgeneration %}` blocks (which mark assistant tokens for
 transformers' `return_assistant_tokens_mask`) render their body. The template sees `messages`,
-`add_generation_prompt`, the special tokens given as keywords, and any other keyword (`tools`,
-`documents`, template switches such as `enable_thinking`).
+`add_generation_prompt`, the special tokens given as keywords, `tools` and `documents` (None unless
+given, as transformers passes them) and any other keyword (template switches such as `enable_thinking`);
+a message's reasoning under any of its names is also given as `reasoning_content` and `thinking`.
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def _compile(template: str) -> jinja2.Template:
   return env.from_string(template)
 
 
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+
+
 def apply_chat_template(template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                         **special_tokens) -> str:
   """Renders a conversation.
@@ -73,9 +77,17 @@ def apply_chat_template(template: str, messages: Sequence[Mapping[str, Any]], ad
   Raises:
     jinja2.TemplateError: what the template raises with `raise_exception` (e.g. roles out of order).
   """
-  messages = [dict(m) for m in messages]
-  return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   **special_tokens)
+  out = []
+  for m in messages:
+    m = dict(m)
+    # transformers fills `reasoning_content` (and gpt-oss's `thinking`) from any of the names for it.
+    reasoning = next((m[k] for k in _REASONING if m.get(k) is not None), None)
+    if reasoning is not None:
+      m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+    out.append(m)
+  # transformers always defines `tools` and `documents` (None when not given).
+  variables = {"tools": None, "documents": None, **special_tokens}
+  return _compile(template).render(messages=out, add_generation_prompt=add_generation_prompt, **variables)
 
 
 def load_chat_template(path: str, name: str = "default") -> Optional[str]:

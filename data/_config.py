@@ -5,13 +5,18 @@ the other's private names. A wrong key in the config fails at once with the vali
 """
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 import numpy as np
 
+from data import _formats
 from data import _packing
 from data import _pref_synthetic
+from data import _sft
 from data import _sources
 from data import _synthetic
+from data import _turns
 
 SOURCES = ("builtin", "jsonl", "parquet", "tfds", "array_record", "hf")
 PREF_KINDS = _pref_synthetic.KINDS
@@ -36,11 +41,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_size = _ph(int)  # records of other splits; builtin: None = 1_000; files: None = all
   c.data_seed = 0            # which problems / which subset; the order is `seed` of get_dataset
   # Where the records are.
-  c.path = _ph(str)  # jsonl | parquet | array_record file (or glob); "{split}" -> split name
+  c.path = _ph(str)  # jsonl | parquet | array_record file or glob ("data/{split}-*.jsonl"); "{split}" ->
+                     # the split name; with source=hf: local data files for the builder `name` ("json")
   c.name = _ph(str)  # tfds builder ("synthetic_tasks/sort") or HF dataset name / path
   c.data_dir = _ph(str)  # tfds / HF data_dir
   c.hf_config = _ph(str)  # HF dataset configuration name
-  # Record fields.
+  # Record format (`data._formats`, one example each in data/FORMATS.md): auto (detected from the first
+  # record's fields, and printed) | fields (the *_field options below) | trl | messages | alpaca |
+  # sharegpt | hh_rlhf | ultrafeedback_binarized | ultrafeedback.
+  c.format = "auto"
+  # Which tokens of an SFT example carry the loss (TRL's options, `data._turns`).
+  c.completion_only_loss = True  # the completion (a chat's last assistant turn) only; False: every token
+  c.assistant_only_loss = False  # chat records: every assistant turn, its end-of-turn included
+  # Record fields (format "fields").
   c.prompt_field = "prompt"
   c.response_field = "response"
   c.messages_field = _ph(str)  # e.g. "messages": chat records rendered with the chat template
@@ -88,12 +101,16 @@ def resolve(config) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown data source {cfg.source!r}; valid: {', '.join(SOURCES)}")
   if cfg.pref_kind is not None and cfg.pref_kind not in PREF_KINDS:
     raise ValueError(f"unknown pref_kind {cfg.pref_kind!r}; valid: None (SFT), {', '.join(PREF_KINDS)}")
+  _formats.check_format(cfg.format, cfg.pref_kind)
   if cfg.source == "builtin":
     _synthetic.get_task(cfg.task)  # raises with the valid names
   elif cfg.source in ("jsonl", "parquet", "array_record") and not cfg.path:
     raise ValueError(f"source={cfg.source!r} needs config.path")
-  elif cfg.source in ("tfds", "hf") and not cfg.name:
+  elif cfg.source == "tfds" and not cfg.name:
     raise ValueError(f"source={cfg.source!r} needs config.name")
+  elif cfg.source == "hf" and not (cfg.name or cfg.path):
+    raise ValueError(f"source={cfg.source!r} needs config.name (a dataset name, a directory written by "
+                     f"save_to_disk, or a builder such as 'json' with config.path)")
   return cfg
 
 
@@ -136,14 +153,16 @@ def make_source(config, split: str):
                                   eval_fraction=cfg.eval_fraction)
     return _sources.ListSource(records, f"builtin:{cfg.task}/{canonical}")
   if cfg.source == "jsonl":
-    return _sources.JsonlSource(file_path(cfg, split))
+    return _sources.files(_sources.JsonlSource, file_path(cfg, split))
   if cfg.source == "parquet":
-    return _sources.ParquetSource(file_path(cfg, split))
+    return _sources.files(_sources.ParquetSource, file_path(cfg, split))
   if cfg.source == "array_record":
     return _sources.ArrayRecordSource(file_path(cfg, split))
   if cfg.source == "tfds":
     return _sources.TfdsSource(cfg.name, split, cfg.data_dir)
-  return _sources.HFSource(cfg.name, split, config_name=cfg.hf_config, data_dir=cfg.data_dir)
+  files = _sources.expand(file_path(cfg, split)) if cfg.path else None
+  return _sources.HFSource(cfg.name or "json", split, config_name=cfg.hf_config, data_dir=cfg.data_dir,
+                           data_files=files)
 
 
 def _builtin_preference(cfg, split: str, size: int) -> list[dict]:
@@ -162,6 +181,75 @@ def indices(cfg, source, split: str) -> np.ndarray:
   if cfg.source == "builtin" or size is None or size >= n:
     return np.arange(n)
   return np.sort(np.random.default_rng(cfg.data_seed).permutation(n)[:size])
+
+
+def record_format(cfg, source) -> str:
+  """`cfg.format`, or the format detected from the first readable record of `source` (printed once)."""
+  if cfg.format != "auto":
+    return cfg.format
+  if cfg.source == "builtin":
+    return "fields"
+  fmt = "fields"
+  for i in range(min(len(source), 8)):
+    try:
+      record = source[i]
+    except _sources.DataError:
+      continue
+    fmt = _formats.detect(record, cfg)
+    break
+  where = source.where(0)[0] if len(source) else repr(cfg.path or cfg.name)
+  key = (where, fmt, cfg.pref_kind)
+  if key not in _ANNOUNCED:
+    _ANNOUNCED.add(key)
+    print(f"data: {where} read as format {fmt!r} (detected from the fields of its first record; "
+          f"set data.format to choose)")
+  return fmt
+
+
+_ANNOUNCED: set = set()
+
+
+class ChatTemplate:
+  """The chat template of the config (or the tokenizer) and its special-token variables, looked up at
+  the first conversation (the tokenizer is loaded then, from `cfg.tokenizer`, when none is given)."""
+
+  def __init__(self, cfg, tokenizer=None):
+    self.cfg, self.tokenizer, self._setup = cfg, tokenizer, None
+
+  def setup(self) -> tuple[Any, str | None, dict]:
+    """(tokenizer or None, template or None, variables)."""
+    if self._setup is None:
+      tok = self.tokenizer
+      if tok is None and (self.cfg.tokenizer or self.cfg.source == "builtin"):
+        tok = get_tokenizer(self.cfg)
+      self._setup = (tok,) + chat_setup(self.cfg, tok)
+    return self._setup
+
+  @property
+  def available(self) -> bool:
+    return bool(self.setup()[1])
+
+  def _template(self) -> str:
+    template = self.setup()[1]
+    if not template:
+      raise ValueError("the records are conversations but there is no chat template: set "
+                       "config.chat_template or use a tokenizer that has one")
+    return template
+
+  def render_split(self, messages, **kwargs) -> tuple[str, str]:
+    """(prompt, last turn) of a conversation ending with the assistant's message (`data._sft.render_chat`);
+    `kwargs`: more template variables (a record's `tools`)."""
+    return _sft.render_chat(messages, self._template(), {**self.setup()[2], **kwargs})
+
+  def generation_prompt(self, messages) -> str:
+    """The conversation up to the generation prompt, without the template's leading bos text."""
+    return self.strip_bos(_turns.render(self._template(), messages, True, self.setup()[2]))
+
+  def strip_bos(self, prompt: str) -> str:
+    """A rendered prompt without the template's leading bos token text: generation encodes prompts with
+    `data.encode_prompt` (or `add_bos=True`), which adds bos when the tokenizer does."""
+    bos = self.setup()[2].get("bos_token")
+    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
 
 
 def chat_setup(cfg, tokenizer) -> tuple[str | None, dict]:

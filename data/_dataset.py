@@ -17,17 +17,27 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from data import _config
+from data import _formats
 from data import _preference
 from data import _sft
 from data import _synthetic
+from data import _turns
 from data._pipeline import SFTDataset
 
 
-def _text_fn(cfg, tokenizer) -> Callable[[Any], tuple[str, str]]:
+def sft_encoder(cfg, tokenizer, fmt: str, *, seq_len: int) -> Callable[[Any], _sft.Example]:
+  """record -> Example: the format's canonical record, its learned segments, their tokens."""
   template, specials = _config.chat_setup(cfg, tokenizer)
-  return lambda record: _sft.record_text(
-      record, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
-      messages_field=cfg.messages_field, chat_template=template, special_tokens=specials)
+
+  def encode(record):
+    canonical = _formats.sft_record(record, fmt, cfg)
+    segments, chat = _turns.sft_segments(canonical, template, specials,
+                                         completion_only_loss=cfg.completion_only_loss,
+                                         assistant_only_loss=cfg.assistant_only_loss)
+    return _sft.encode_segments(segments, tokenizer, seq_len=seq_len, chat=chat,
+                                max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
+                                truncate=cfg.truncate)
+  return encode
 
 
 def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
@@ -44,14 +54,7 @@ def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int,
                                   process_count=process_count)
   train = _config.is_train(split) if train is None else train
   source = _config.make_source(cfg, split)
-  text = _text_fn(cfg, tokenizer)
-
-  def encode(record):
-    prompt, response = text(record)
-    return _sft.encode_sft(prompt, response, tokenizer, seq_len=seq_len,
-                           max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
-                           truncate=cfg.truncate)
-
+  encode = sft_encoder(cfg, tokenizer, _config.record_format(cfg, source), seq_len=seq_len)
   examples, report = _sft.build_examples(source, _config.indices(cfg, source, split), encode,
                                          skip_invalid=cfg.skip_invalid)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -65,9 +68,11 @@ def eval_examples(config, split: str, n: int | None = None
   """The first `n` (prompt, answer) pairs of a split and a verifier `check(prompt, response) -> bool`.
 
   Built-in tasks verify by recomputing the answer from the prompt; other sources by exact match with
-  the record's response (any of them, if a prompt repeats). Invalid records raise, or are skipped with
-  `skip_invalid`, as in `get_dataset`. Preference data (`pref_kind`) gives its preferred responses
-  (`data._preference.best_response`).
+  the record's response (any of them, if a prompt repeats). For a conversation the prompt is the
+  rendering up to the generation prompt without the template's leading bos text (encode it with
+  `data.encode_prompt`) and the answer is the last assistant message's content, not its rendered turn.
+  Invalid records raise, or are skipped with `skip_invalid`, as in `get_dataset`. Preference data
+  (`pref_kind`) gives its preferred responses (`data._preference.best_response`).
   """
   cfg = _config.resolve(config)
   if cfg.pref_kind:
@@ -76,13 +81,27 @@ def eval_examples(config, split: str, n: int | None = None
     with cfg.unlocked():
       cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set
   source = _config.make_source(cfg, split)
-  tokenizer = _config.get_tokenizer(cfg) if cfg.messages_field else None
-  text = _text_fn(cfg, tokenizer)
-  pairs, _ = _sft.build_examples(source, _config.indices(cfg, source, split)[:n], text,
+  fmt, chat = _config.record_format(cfg, source), _config.ChatTemplate(cfg)
+
+  def pair(record):
+    prompt, answer = _eval_pair(_formats.sft_record(record, fmt, cfg))
+    if isinstance(prompt, list):   # a conversation: its rendering up to the generation prompt
+      prompt = chat.generation_prompt(prompt)
+    return prompt, answer
+
+  pairs, _ = _sft.build_examples(source, _config.indices(cfg, source, split)[:n], pair,
                                  skip_invalid=cfg.skip_invalid)
   if cfg.source == "builtin":
     return pairs, _synthetic.get_task(cfg.task).check
   return pairs, _exact_match_verifier(pairs)
+
+
+def _eval_pair(canonical: dict):
+  found = _formats.prompt_and_answer(canonical)
+  if found is None:
+    raise ValueError("eval_examples needs records with a prompt and an answer; plain-text records "
+                     "(format trl, field 'text') have none")
+  return found
 
 
 def preference_generation_examples(config, split: str, n: int | None = None
@@ -90,12 +109,14 @@ def preference_generation_examples(config, split: str, n: int | None = None
   """`data.eval_examples` for preference data: (prompt, best response) pairs and a verifier.
 
   Built-in tasks give the SFT pairs of the same problems and the task's verifier; other sources the best
-  response of each of the first `n` records (unpaired: desirable records only) and exact match.
+  response of each of the first `n` records (unpaired: desirable records only; chat records: the message
+  content, the prompt without the template's bos text) and exact match.
   """
   cfg = _preference.preference_config(config)
   if cfg.source == "builtin":
     return eval_examples({**cfg.to_dict(), "pref_kind": None}, split, n)
-  pairs = [(r.prompt, _preference.best_response(r)) for r in _preference.preference_eval_examples(cfg, split, n)]
+  records, chat = _preference.preference_eval_examples(cfg, split, n), _config.ChatTemplate(cfg)
+  pairs = [(chat.strip_bos(r.prompt) if r.chat else r.prompt, _preference.best_response(r)) for r in records]
   pairs = [(p, a) for p, a in pairs if a is not None]
   return pairs, _exact_match_verifier(pairs)
 

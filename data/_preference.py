@@ -19,8 +19,13 @@ rendered with the chat template; each response is then one assistant message (a 
 list holding one message), and its text is what the template adds after the prompt's generation header,
 as for SFT chat records (`data._sft.render_chat`).
 
-**Batch.** Each response becomes the SFT example `bos + prompt + response + eos` (`data._sft.encode_sft`,
-loss on the response and its eos only) in a padded row of its own, never packed:
+Other formats (UltraFeedback, HH-RLHF, TRL's implicit prompt, ...) are turned into these records first
+(`data._formats`, `config.format`; data/FORMATS.md).
+
+**Batch.** Each response becomes the SFT example `bos + prompt + response + eos` (`data._sft.assemble`:
+bos and the end as the checkpoint makes them, loss on the response and its end only) in a padded row of
+its own, never packed. As in TRL's DPO, `prompt + response` is tokenized whole for each response and the
+responses start after the shortest common prefix of the prompt's own tokens with each of them:
 
     inputs, targets, loss_mask, positions, segment_ids  [B, K, T]  as SFT rows: segment 1, positions from 0
     scores        [B, K]  float32   listwise labels, higher is better; 0 on padding entries
@@ -78,6 +83,7 @@ zero-length sequence.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple, Sequence
@@ -85,6 +91,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from data import _config
+from data import _formats
 from data import _packing
 from data import _sft
 from data._pipeline import SFTDataset
@@ -122,6 +129,8 @@ class PreferenceRecord(NamedTuple):
   scores: tuple[float, ...] | None = None      # listwise
   label: bool | None = None                    # unpaired
   ref_logps: tuple[float, ...] | None = None   # one per response, with ref_logps_field
+  chat: bool = False                           # rendered with a chat template (its turns end themselves)
+  answers: tuple[str, ...] | None = None       # chat: each response's message content (what a model generates)
 
 
 class PreferenceExample(NamedTuple):
@@ -170,12 +179,12 @@ def _message_list(value: Any, name: str) -> list:
 
 
 def _response_text(value: Any, name: str, prompt_msgs: list | None, render: Render | None
-                   ) -> tuple[str | None, str]:
-  """(prompt text or None, response text) of one response; "" when it is empty."""
+                   ) -> tuple[str | None, str, str]:
+  """(prompt text or None, response text, the message content) of one response; "" when it is empty."""
   if prompt_msgs is None:
     if not isinstance(value, str):
       raise DataError("wrong_type", f"{name!r} must be str, got {type(value).__name__}")
-    return None, value
+    return None, value, value
   if isinstance(value, str):
     msgs = [{"role": "assistant", "content": value}]
   elif isinstance(value, (list, dict)):
@@ -187,10 +196,10 @@ def _response_text(value: Any, name: str, prompt_msgs: list | None, render: Rend
     raise DataError("bad_messages", f"{name!r} must be one assistant message, got {len(msgs)} messages")
   full = _sft._messages({name: prompt_msgs + msgs}, name)  # pylint: disable=protected-access
   if not full[-1]["content"]:
-    return None, ""
+    return None, "", ""
   if render is None:
     raise ValueError("a record is in chat form (its prompt is a list of messages) but no renderer was given")
-  return render(full)
+  return (*render(full), full[-1]["content"])
 
 
 def _score(x: Any, what: str, ranks: bool) -> float | None:
@@ -231,6 +240,9 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
   if not isinstance(record, dict):
     raise DataError("wrong_type", f"a record must be a mapping, got {type(record).__name__}")
   prompt = _present(record, fields.prompt)
+  extra = _formats.template_kwargs(record) if isinstance(prompt, (list, dict)) else {}
+  if extra and render is not None:   # the record's tools / chat_template_kwargs, as TRL passes them
+    render = functools.partial(render, **extra)
   prompt_msgs = None
   if isinstance(prompt, (list, dict)):
     prompt_msgs = _message_list(prompt, fields.prompt)
@@ -240,13 +252,16 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     raise DataError("wrong_type", f"{fields.prompt!r} must be str or a list of messages, got "
                     f"{type(prompt).__name__}")
 
+  contents = []
+
   def texts(named_values):
     """(prompt text, response texts); a chat prompt's text comes from rendering a response."""
     prompt_text, out = (prompt if prompt_msgs is None else None), []
     for name, value in named_values:
-      p, r = _response_text(value, name, prompt_msgs, render)
+      p, r, c = _response_text(value, name, prompt_msgs, render)
       prompt_text = p if p is not None else prompt_text
       out.append(r)
+      contents.append(c)
     return prompt_text, out
 
   dropped = collections.Counter()
@@ -298,12 +313,14 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     if len(keep) > list_size:
       raise DataError("list_too_long", f"{len(keep)} valid responses > list_size {list_size}")
     responses = [responses[i] for i in keep]
+    contents[:] = [contents[i] for i in keep]
     scores = tuple(label_values[i] for i in keep)
     refs = [refs[i] for i in keep] if refs else None
   else:
     raise ValueError(f"unknown preference kind {kind!r}; valid: {', '.join(KINDS)}")
-  return PreferenceRecord(prompt_text, tuple(responses), scores, label,
-                          tuple(refs) if refs else None), dropped
+  chat = prompt_msgs is not None
+  return PreferenceRecord(prompt_text, tuple(responses), scores, label, tuple(refs) if refs else None, chat,
+                          tuple(contents) if chat else None), dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,11 +333,16 @@ def encode_preference(rec: PreferenceRecord, tokenizer, kind: str, *, seq_len: i
                       ) -> tuple[PreferenceExample, collections.Counter]:
   """One SFT example per response under the truncation rules of the module docstring."""
   seqs, keep, dropped = [], [], collections.Counter()
+  nonempty = [i for i, r in enumerate(rec.responses) if r]
+  fulls, start = _sft.split_tokens(tokenizer, rec.prompt, [rec.responses[i] for i in nonempty])
+  tokens = dict(zip(nonempty, fulls))
   for i, response in enumerate(rec.responses):
     try:
-      seqs.append(_sft.encode_sft(rec.prompt, response, tokenizer, seq_len=seq_len,
-                                  max_prompt_len=max_prompt_len, max_response_len=max_response_len,
-                                  truncate=truncate))
+      if i not in tokens:
+        raise DataError("empty_response", "the response is empty")
+      seqs.append(_sft.assemble(tokens[i], start, tokenizer, seq_len=seq_len, chat=rec.chat,
+                                max_prompt_len=max_prompt_len, max_response_len=max_response_len,
+                                truncate=truncate))
     except DataError as e:
       if kind == "listwise" and e.reason == "empty_response":
         dropped[e.reason] += 1
@@ -469,20 +491,22 @@ def preference_config(config):
 
 def _renderer(cfg, tokenizer=None) -> Render:
   """Chat rendering with the config's (or the tokenizer's) template, set up at the first chat record."""
-  setup = []
+  return _config.ChatTemplate(cfg, tokenizer).render_split
 
-  def render(messages):
-    if not setup:
-      tok = tokenizer
-      if tok is None and (cfg.tokenizer or cfg.source == "builtin"):
-        tok = _config.get_tokenizer(cfg)
-      setup.append(_config.chat_setup(cfg, tok))
-    template, specials = setup[0]
-    if not template:
-      raise ValueError("a record is in chat form (its prompt is a list of messages) but there is no chat "
-                       "template: set config.chat_template or use a tokenizer that has one")
-    return _sft.render_chat(messages, template, specials)
-  return render
+
+def record_reader(cfg, source, tokenizer=None) -> Callable[[Any], tuple[PreferenceRecord, collections.Counter]]:
+  """record -> (PreferenceRecord, dropped list entries) for the source's format (`data._formats`)."""
+  fmt = _config.record_format(cfg, source)
+  chat = _config.ChatTemplate(cfg, tokenizer)
+  fields = Fields.from_config(cfg) if fmt == "fields" else Fields(ref_logps=cfg.ref_logps_field)
+
+  def read(record):
+    if fmt != "fields":
+      record = _formats.preference_record(record, fmt, cfg, chat=fmt in ("hh_rlhf", "ultrafeedback")
+                                          and chat.available)
+    return record_preference(record, cfg.pref_kind, fields, render=chat.render_split, list_size=cfg.list_size,
+                             allow_identical=cfg.allow_identical)
+  return read
 
 
 def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
@@ -493,11 +517,10 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
   cfg = preference_config(config)
   train = split.startswith("train") if train is None else train
   source = _config.make_source(cfg, split)
-  fields, render, dropped = Fields.from_config(cfg), _renderer(cfg, tokenizer), collections.Counter()
+  read, dropped = record_reader(cfg, source, tokenizer), collections.Counter()
 
   def encode(record):
-    rec, d1 = record_preference(record, cfg.pref_kind, fields, render=render, list_size=cfg.list_size,
-                                allow_identical=cfg.allow_identical)
+    rec, d1 = read(record)
     ex, d2 = encode_preference(rec, tokenizer, cfg.pref_kind, seq_len=seq_len,
                                max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                truncate=cfg.truncate, allow_identical=cfg.allow_identical)
@@ -524,12 +547,9 @@ def preference_eval_examples(config, split: str, n: int | None = None) -> list[P
     with cfg.unlocked():
       cfg.eval_size = n   # generation is prefix-stable: the first n of any larger eval set
   source = _config.make_source(cfg, split)
-  fields, render = Fields.from_config(cfg), _renderer(cfg)
-  records, _ = _sft.build_examples(
-      source, _config.indices(cfg, source, split)[:n],
-      lambda r: record_preference(r, cfg.pref_kind, fields, render=render, list_size=cfg.list_size,
-                                  allow_identical=cfg.allow_identical)[0],
-      skip_invalid=cfg.skip_invalid)
+  read = record_reader(cfg, source)
+  records, _ = _sft.build_examples(source, _config.indices(cfg, source, split)[:n], lambda r: read(r)[0],
+                                   skip_invalid=cfg.skip_invalid)
   return records
 
 
@@ -553,9 +573,11 @@ def preference_batch(records: Sequence[PreferenceRecord], config, *, tokenizer,
 
 
 def best_response(rec: PreferenceRecord) -> str | None:
-  """The response a model should generate: chosen, the desirable completion, or the top-scored entry."""
+  """The response a model should generate: chosen, the desirable completion, or the top-scored entry
+  (for a chat record its message content, not the rendered turn with its end-of-turn token)."""
+  answers = rec.answers if rec.answers is not None else rec.responses
   if rec.scores is not None:
-    return rec.responses[int(np.argmax(rec.scores))]
+    return answers[int(np.argmax(rec.scores))]
   if rec.label is False:
     return None
-  return rec.responses[0]
+  return answers[0]

@@ -3,7 +3,20 @@
     tokens  = [bos] + prompt + response + [eos]
     weights = [0]   + 0...0  + 1......1 + [1]       1 where the token is one the model must learn
 
-The loss is on the response and its eos only (the packer turns `weights` into the target mask).
+The loss is on the response and its end (the packer turns `weights` into the target mask).
+
+**Tokenization follows the checkpoint** (as TRL 1.16 tokenizes; data/FORMATS.md):
+  - the text is tokenized whole (prompt + response, as rendered) and the response starts where the
+    tokens of the prompt alone stop agreeing with it (TRL's `common_prefix_length`);
+  - bos leads the sequence when the tokenizer's own configuration adds it (`adds_bos`: `add_bos_token`,
+    the post-processor of tokenizer.json) or the text already starts with it (a chat template's own
+    `bos_token`), and never twice; a tokenizer without a bos token gets none;
+  - the end: plain text gets the eos id unless the response already ends with it (TRL appends the eos
+    token to completions); a rendered chat turn is taken as the template renders it, its end-of-turn
+    token and whatever follows it up to the next turn (`<|im_end|>\n`, `<end_of_turn>\n`) being part
+    of the response, and gets the eos id only when it holds no end-of-turn (special) token at all, so
+    the model always learns to stop. The CharTokenizer (built-in tasks) always starts with bos and
+    ends with eos, as before.
 
 **Truncation** (`seq_len` is the most tokens an example may have, bos and eos included):
   1. `max_prompt_len` keeps the *last* prompt tokens (the end of a prompt is nearest to the answer);
@@ -20,11 +33,12 @@ counted per reason in a `SkipReport` (the trainer prints `report.summary()`): no
 
 **Chat records** (`messages_field`): a list of `{"role", "content"}` whose last message is the
 assistant's. The prompt is the template rendered over the earlier messages with the generation prompt,
-the response is what the full rendering adds after it; only that final turn is learned. The template gets
-the tokenizer's special tokens but `bos_token=""`: we add the bos id ourselves (and the eos id, so a
-rendered eos token that ends the response is cut).
+the response is what the full rendering adds after it; by default only that final turn is learned
+(`data._turns` gives every assistant turn, or every token, for `assistant_only_loss` /
+`completion_only_loss=False`). The template gets the tokenizer's special tokens, `bos_token` included;
+a rendered eos token that ends the response is cut from the text (the eos id is appended instead).
 
-Preference data will map one record to K such sequences (chosen/rejected or a list) with the same rules.
+Preference data maps one record to K such sequences (chosen/rejected or a list) with the same rules.
 """
 from __future__ import annotations
 
@@ -69,7 +83,7 @@ def _messages(record: dict, name: str) -> list[dict]:
     raise DataError("bad_messages", f"{name!r} is empty")
   for k, m in enumerate(msgs):
     if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-      raise DataError("bad_messages", f"message {k} is not a {{'role': str, 'content': str}}")
+      raise DataError("bad_messages", f"{name!r}: message {k} is not a {{'role': str, 'content': str}}")
   if msgs[-1]["role"] != "assistant":
     raise DataError("bad_messages", f"the last message is from {msgs[-1]['role']!r}, not 'assistant'")
   return msgs
@@ -78,12 +92,12 @@ def _messages(record: dict, name: str) -> list[dict]:
 def render_chat(messages: list[dict], template: str, special_tokens: dict | None = None) -> tuple[str, str]:
   """(prompt, response) of a chat whose last message is the assistant's.
 
-  `special_tokens` are template variables such as `eos_token`; `bos_token` is always "" because
-  `encode_sft` adds the bos id, and a trailing `eos_token` is cut from the response for the same reason.
+  `special_tokens` are template variables such as `bos_token` and `eos_token`; a trailing `eos_token` is
+  cut from the response, as `encode_sft` appends the eos id to a turn that has no end-of-turn token.
   """
   import jinja2  # pylint: disable=g-import-not-at-top
   from data._chat import apply_chat_template  # pylint: disable=g-import-not-at-top
-  variables = {**(special_tokens or {}), "bos_token": ""}
+  variables = dict(special_tokens or {})
   try:
     prompt = apply_chat_template(template, messages[:-1], add_generation_prompt=True, **variables)
     full = apply_chat_template(template, messages, add_generation_prompt=False, **variables)
@@ -124,34 +138,124 @@ def _encode(tokenizer, text: str, what: str) -> list[int]:
     raise DataError("unencodable", f"{what}: {e}") from None
 
 
-def encode_sft(prompt: str, response: str, tokenizer, *, seq_len: int,
-               max_prompt_len: int | None = None, max_response_len: int | None = None,
-               truncate: bool = True) -> Example:
-  """Tokens and loss weights of one SFT example under the truncation rules in the module docstring."""
-  if not response:
-    raise DataError("empty_response", "the response is empty")
-  p = _encode(tokenizer, prompt, "prompt")
-  r = _encode(tokenizer, response, "response")
+def adds_bos(tokenizer) -> bool:
+  """Whether the tokenizer's own configuration starts a sequence with bos (`add_bos_token`; True for a
+  tokenizer that does not say, as long as it has a bos token)."""
+  if getattr(tokenizer, "bos_id", None) is None:
+    return False
+  flag = getattr(tokenizer, "add_bos_token", None)
+  return True if flag is None else bool(flag)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+  """A generation prompt as training sees it: bos by the rules above (once), then the prompt."""
+  ids = list(tokenizer.encode(prompt))
+  bos = tokenizer.bos_id
+  if bos is not None and adds_bos(tokenizer) and not (ids and ids[0] == bos):
+    ids = [bos] + ids
+  return ids
+
+
+def _ends_turn(response: Sequence[int], tokenizer, chat: bool) -> bool:
+  """Whether the response already carries its end: an end-of-turn (special) token for a chat turn, a
+  final eos id for plain text."""
+  if chat:
+    ends = getattr(tokenizer, "special_ids", None)
+    ends = set(ends if ends is not None else ()) | {tokenizer.eos_id}
+    return any(t in ends for t in response)
+  return bool(response) and response[-1] == tokenizer.eos_id
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+def assemble(ids: Sequence[int], start: int, tokenizer, *, seq_len: int, chat: bool = False,
+             prompt_weights: Sequence[float] | None = None, max_prompt_len: int | None = None,
+             max_response_len: int | None = None, truncate: bool = True) -> Example:
+  """The example of a tokenized text whose response starts at token `start`: bos, the end and the
+  truncation rules of the module docstring. `prompt_weights` (default 0) mark learned prompt tokens
+  (earlier assistant turns with `assistant_only_loss`)."""
+  ids = [int(t) for t in ids]
+  pw = [0.0] * start if prompt_weights is None else [float(w) for w in prompt_weights]
+  bos = tokenizer.bos_id
+  lead = []
+  if bos is not None and ids and ids[0] == bos:       # the template's own bos
+    lead, ids, pw, start = [bos], ids[1:], pw[1:], max(start - 1, 0)
+  elif adds_bos(tokenizer):
+    lead = [bos]
+  p, r, pw = ids[:start], ids[start:], pw[:start]
   if not r:
     raise DataError("empty_response", "the response encodes to no tokens")
   if max_prompt_len is not None and len(p) > max_prompt_len:
-    p = p[len(p) - max_prompt_len:]
-  r = r + [tokenizer.eos_id]
-  if max_response_len is not None and len(r) - 1 > max_response_len:
+    p, pw = p[len(p) - max_prompt_len:], pw[len(pw) - max_prompt_len:]
+  content = len(r)
+  if tokenizer.eos_id is not None and not _ends_turn(r, tokenizer, chat):
+    r = r + [tokenizer.eos_id]
+  if max_response_len is not None and content > max_response_len:
     r = r[:max_response_len]
-  room = seq_len - 1 - len(p)
+  room = seq_len - len(lead) - len(p)
   if len(r) > room:
     if not truncate:
-      raise DataError("too_long", f"{1 + len(p) + len(r)} tokens > seq_len {seq_len} "
-                      f"(prompt {len(p)}, response {len(r)} with eos)")
+      raise DataError("too_long", f"{len(lead) + len(p) + len(r)} tokens > seq_len {seq_len} "
+                      f"(prompt {len(p)}, response {len(r)} with its end)")
     if room < 1:
       raise DataError("empty_after_truncation", f"the prompt ({len(p)} tokens) leaves no room for the "
                       f"response in seq_len {seq_len}; set max_prompt_len")
     r = r[:room]
-  tokens = np.asarray([tokenizer.bos_id] + p + r, np.int32)
-  weights = np.zeros(len(tokens), np.float32)
-  weights[1 + len(p):] = 1.0
+  tokens = np.asarray(lead + p + r, np.int32)
+  weights = np.asarray([0.0] * len(lead) + list(pw) + [1.0] * len(r), np.float32)
   return Example(tokens, weights)
+
+
+def split_tokens(tokenizer, prompt: str, responses: Sequence[str]) -> tuple[list[list[int]], int]:
+  """Tokens of each `prompt + response` and where the responses start: the shortest common prefix of
+  the prompt's own tokens with each (TRL's DPO split: one prompt length for all responses)."""
+  p = _encode(tokenizer, prompt, "prompt")
+  fulls = [_encode(tokenizer, prompt + r, "response") for r in responses]
+  start = min((common_prefix_length(p, f) for f in fulls), default=len(p))
+  return fulls, start
+
+
+def encode_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, seq_len: int, chat: bool = False,
+                    max_prompt_len: int | None = None, max_response_len: int | None = None,
+                    truncate: bool = True) -> Example:
+  """Text pieces, each learned or not, in order; the last piece is the response (learned)."""
+  if not segments or not segments[-1][0]:
+    raise DataError("empty_response", "the response is empty")
+  text = "".join(t for t, _ in segments)
+  prefixes, pos = [], 0
+  for t, _ in segments[:-1]:
+    pos += len(t)
+    prefixes.append(_encode(tokenizer, text[:pos], "prompt"))
+  full = _encode(tokenizer, text, "response")
+  bounds = []
+  for prefix in prefixes:
+    bounds.append(max([common_prefix_length(prefix, full)] + bounds))
+  start = bounds[-1] if bounds else 0
+  weights = np.zeros(start, np.float32)
+  edges = [0] + bounds
+  for k, (_, learned) in enumerate(segments[:-1]):
+    weights[edges[k]:edges[k + 1]] = float(learned)
+  return assemble(full, start, tokenizer, seq_len=seq_len, chat=chat, prompt_weights=weights,
+                  max_prompt_len=max_prompt_len, max_response_len=max_response_len, truncate=truncate)
+
+
+def encode_sft(prompt: str, response: str, tokenizer, *, seq_len: int,
+               max_prompt_len: int | None = None, max_response_len: int | None = None,
+               truncate: bool = True, chat: bool = False) -> Example:
+  """Tokens and loss weights of one SFT example under the rules in the module docstring; `chat`: the
+  response is a rendered chat turn (its end is what the template renders)."""
+  if not response:
+    raise DataError("empty_response", "the response is empty")
+  (full,), start = split_tokens(tokenizer, prompt, [response])
+  return assemble(full, start, tokenizer, seq_len=seq_len, chat=chat, max_prompt_len=max_prompt_len,
+                  max_response_len=max_response_len, truncate=truncate)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
     JsonlSource(path)                     one JSON object per line (blank lines ignored)
     ParquetSource(path)                   one row per record
+    files(JsonlSource, "d/train-*.jsonl") the files a glob matches, in name order, as one source
     TfdsSource(name, split, data_dir)     `tfds.data_source`: array_record files, no TensorFlow needed
     ArrayRecordSource(paths)              array_record files whose records are UTF-8 JSON objects
-    HFSource(name, split, ...)            HF `datasets`, only when that package is importable
+    HFSource(name, split, ...)            HF `datasets`: a hub name, a local dataset directory, a directory
+                                          written by `save_to_disk`, or a builder ("json", "parquet") over
+                                          local `data_files`
     ListSource(records, name)             records already in memory (built-in synthetic tasks)
 
 `where(i)` is `(file, line)` with a 1-based line (or row / record number), which every error about
@@ -134,15 +137,50 @@ class TfdsSource:
     return f"tfds:{self.name}/{self.split}", i + 1
 
 
-def _expand(paths: str | Sequence[str]) -> list[str]:
+def expand(paths: str | Sequence[str]) -> list[str]:
+  """The files a path, a glob or a list of them names, each glob's matches in name order."""
   paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
   out = []
   for p in map(os.fspath, paths):
-    hits = sorted(glob.glob(p))
+    hits = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.exists(p) else [])
     if not hits:
-      raise FileNotFoundError(f"no array_record file matches {p!r}")
+      raise FileNotFoundError(f"no file matches {p!r}")
     out += hits
   return out
+
+
+_expand = expand
+
+
+class ConcatSource:
+  """Several sources back to back; `where` names the file a record comes from."""
+
+  def __init__(self, sources: Sequence):
+    self.sources = list(sources)
+    self._starts = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self):
+    return int(self._starts[-1])
+
+  def _locate(self, i: int) -> tuple[Any, int]:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    k = int(np.searchsorted(self._starts, i, side="right")) - 1
+    return self.sources[k], i - int(self._starts[k])
+
+  def __getitem__(self, i: int) -> dict:
+    src, j = self._locate(int(i))
+    return src[j]
+
+  def where(self, i: int) -> tuple[str, int]:
+    src, j = self._locate(int(i))
+    return src.where(j)
+
+
+def files(cls, pattern: str | Sequence[str]):
+  """`cls(path)` for one file, else one source over every file the glob (or list) matches."""
+  paths = expand(pattern)
+  return cls(paths[0]) if len(paths) == 1 else ConcatSource([cls(p) for p in paths])
 
 
 class ArrayRecordSource:
@@ -177,17 +215,35 @@ class ArrayRecordSource:
 
 
 class HFSource:
-  """A split of an HF `datasets` dataset (a hub name or a local path), only when `datasets` is installed."""
+  """A split of an HF `datasets` dataset, only when `datasets` is installed.
+
+  `name` is a hub name, a local dataset directory (data files `load_dataset` recognises), a directory
+  written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with `load_from_disk`; a
+  DatasetDict gives `split`), or a builder such as "json" / "parquet" with local `data_files`.
+  """
 
   def __init__(self, name: str, split: str, *, config_name: str | None = None,
-               data_dir: str | None = None):
+               data_dir: str | None = None, data_files: Sequence[str] | None = None):
     try:
       import datasets  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ImportError("source='hf' needs the HF `datasets` package, which is not installed; "
                         "export the data to JSONL or Parquet, or use source='tfds'") from None
     self.name, self.split = name, split
-    self._ds = datasets.load_dataset(name, config_name, split=split, data_dir=data_dir)
+    saved = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f))
+                                        for f in ("dataset_dict.json", "state.json"))
+    if saved:
+      ds = datasets.load_from_disk(name)
+      if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+          raise ValueError(f"{name} holds the splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
+      self._ds = ds
+    elif data_files is not None:
+      self._ds = datasets.load_dataset(name, config_name, data_files={split: list(data_files)}, split=split)
+      self.name = data_files[0] if len(data_files) == 1 else f"{data_files[0]} (+{len(data_files) - 1})"
+    else:
+      self._ds = datasets.load_dataset(name, config_name, split=split, data_dir=data_dir)
 
   def __len__(self):
     return len(self._ds)
@@ -196,6 +252,8 @@ class HFSource:
     return _to_python(self._ds[int(i)])
 
   def where(self, i: int) -> tuple[str, int]:
+    if os.path.isfile(self.name):   # local data files: the file and its line
+      return self.name, i + 1
     return f"hf:{self.name}/{self.split}", i + 1
 
 

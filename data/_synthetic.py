@@ -59,6 +59,8 @@ class CharTokenizer:
   pad_id = PAD
   bos_id = BOS
   eos_id = EOS
+  add_bos_token = True               # every example starts with bos
+  special_ids = frozenset({EOS})     # no end-of-turn tokens but eos
 
   def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     try:

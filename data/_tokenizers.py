@@ -11,6 +11,12 @@ that per segment, so `add_bos` / `add_eos` are explicit. `encode(t, add_bos=True
 transformers' `tok.encode(t)` for Llama-style tokenizers and `tok.encode(t, add_special_tokens=False)`
 is `encode(t)`.
 
+Whether the checkpoint's own tokenization adds BOS is `tok.add_bos_token`: `add_bos_token` of
+`tokenizer_config.json` when it says, else whether the post-processor of `tokenizer.json` puts BOS in
+front (transformers 5 follows the post-processor only; the two agree whenever the files do); for
+SentencePiece `add_bos_token`, default True (as `LlamaTokenizer`). `tok.special_ids` are the ids of the
+special tokens (end-of-turn markers among them), bos/pad/unk excluded. `data._sft` reads both.
+
 Special tokens (bos/eos/pad/unk) come from `tokenizer_config.json` and `special_tokens_map.json`, merged
 as transformers merges them; a SentencePiece model knows its own ids.
 """
@@ -19,11 +25,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from data import _chat
 
 _SPECIALS = ("bos", "eos", "pad", "unk")
+_MARKER = re.compile(r"<[^<>\s]+>|\[[^\[\]\s]+\]")
 
 
 @runtime_checkable
@@ -100,7 +108,8 @@ class HFTokenizer(_ChatMixin):
   """A `tokenizer.json` (the `tokenizers` library), with special tokens and chat template beside it."""
 
   def __init__(self, tokenizer_file: str, special_tokens: Optional[Mapping[str, Optional[str]]] = None,
-               chat_template: Optional[str] = None, clean_up_tokenization_spaces: bool = False):
+               chat_template: Optional[str] = None, clean_up_tokenization_spaces: bool = False,
+               add_bos_token: Optional[bool] = None):
     from tokenizers import Tokenizer as _Tok   # pylint: disable=g-import-not-at-top
     self._tok = _Tok.from_file(tokenizer_file)
     self.special_tokens = {k: (special_tokens or {}).get(k) for k in _SPECIALS}
@@ -113,6 +122,12 @@ class HFTokenizer(_ChatMixin):
       if token is not None and ids[k] is None:
         raise ValueError(f"{k}_token={token!r} is not in the vocabulary of {tokenizer_file}")
     self.bos_id, self.eos_id, self.pad_id, self.unk_id = ids["bos"], ids["eos"], ids["pad"], ids["unk"]
+    if add_bos_token is None:   # what the post-processor puts in front of an empty text
+      front = self._tok.post_process(self._tok.encode("", add_special_tokens=False)).ids
+      add_bos_token = bool(front) and front[0] == self.bos_id
+    self.add_bos_token = bool(add_bos_token) and self.bos_id is not None
+    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    self.special_ids = frozenset((special | {self.eos_id}) - {self.bos_id, self.pad_id, self.unk_id, None})
 
   @classmethod
   def from_dir(cls, path: str) -> "HFTokenizer":
@@ -137,7 +152,7 @@ class HFTokenizer(_ChatMixin):
 class SentencePieceTokenizer(_ChatMixin):
   """A SentencePiece `.model` file (Llama 1/2, Mistral v0.1, Gemma)."""
 
-  def __init__(self, model_file: str, chat_template: Optional[str] = None):
+  def __init__(self, model_file: str, chat_template: Optional[str] = None, add_bos_token: Optional[bool] = None):
     import sentencepiece   # pylint: disable=g-import-not-at-top
     self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
     self.chat_template = chat_template
@@ -146,10 +161,21 @@ class SentencePieceTokenizer(_ChatMixin):
     self.pad_id, self.unk_id = known(self._sp.pad_id()), known(self._sp.unk_id())
     self.special_tokens = {k: None if i is None else self._sp.id_to_piece(i)
                            for k, i in zip(_SPECIALS, (self.bos_id, self.eos_id, self.pad_id, self.unk_id))}
+    self.add_bos_token = (True if add_bos_token is None else bool(add_bos_token)) and self.bos_id is not None
+    # Control pieces, and user-defined ones that look like markers (`<end_of_turn>`): the Python API does
+    # not tell user-defined pieces apart, but they are the marker-like pieces that encode to themselves
+    # (after the dummy-prefix piece, if any).
+    special = set()
+    for i in range(self._sp.get_piece_size()):
+      piece = self._sp.id_to_piece(i)
+      if self._sp.is_control(i) or (_MARKER.fullmatch(piece) and not self._sp.is_byte(i)
+                                    and self._sp.encode(piece)[-1:] == [i]):
+        special.add(i)
+    self.special_ids = frozenset((special | {self.eos_id}) - {self.bos_id, self.pad_id, self.unk_id, None})
 
   @classmethod
   def from_dir(cls, path: str) -> "SentencePieceTokenizer":
-    return cls(_sentencepiece_file(path), _chat.load_chat_template(path))
+    return cls(_sentencepiece_file(path), _chat.load_chat_template(path), _config_add_bos(path))
 
   @property
   def vocab_size(self) -> int:
@@ -185,6 +211,11 @@ def _sentencepiece_file(path: str) -> str:
   return found[0]
 
 
+def _config_add_bos(folder: str) -> Optional[bool]:
+  value = _read_json(os.path.join(folder, "tokenizer_config.json")).get("add_bos_token")
+  return value if isinstance(value, bool) else None
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """Picks by what `path` holds: `tokenizer.json` (preferred, as transformers' fast tokenizers do) or a
   SentencePiece `.model`; a path to either file works too."""
@@ -192,9 +223,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     folder = os.path.dirname(path) or "."
     if path.endswith(".json"):
       tokens, config = _special_tokens(folder)
+      add_bos = config.get("add_bos_token")
       return HFTokenizer(path, tokens, _chat.load_chat_template(folder),
-                         bool(config.get("clean_up_tokenization_spaces", False)))
-    return SentencePieceTokenizer(path, _chat.load_chat_template(folder))
+                         bool(config.get("clean_up_tokenization_spaces", False)),
+                         add_bos if isinstance(add_bos, bool) else None)
+    return SentencePieceTokenizer(path, _chat.load_chat_template(folder), _config_add_bos(folder))
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     return HFTokenizer.from_dir(path)
   if os.path.exists(os.path.join(path, "tokenizer.model")) or glob.glob(os.path.join(path, "*.model")):
