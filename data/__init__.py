@@ -31,10 +31,11 @@ Sources (`config.source`): builtin (sort, reverse, add), jsonl, parquet, tfds (a
 directories). File paths may be globs and hold "{split}". `prepare_synthetic` materialises a built-in
 task as a TFDS dataset.
 
-Modules: `_synthetic` tasks and CharTokenizer, `_sources` record sources, `_formats` dataset formats ->
+Built-in tasks (digit strings with exact answers) are the `synthetic` package.
+
+Modules: `_sources` record sources, `_formats` dataset formats ->
 canonical records, `_turns` which text carries the loss, `_sft` text -> tokens and validation, `_packing`
-rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_tfds` TFDS
-builder, `_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
+rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_preference` preference records -> [B, K, T] batches, 
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
 from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source
@@ -42,7 +43,8 @@ from data._dataset import eval_examples, get_dataset, preference_generation_exam
 from data._formats import FORMATS, extract_prompt
 from data._packing import FIELDS, MODES, pack
 from data._pipeline import BatchIterator, SFTDataset
-from data._pref_synthetic import corrupt, generate_preference, wrong_digits
+from synthetic import (TASKS, CharTokenizer, Task, corrupt, generate, generate_preference, get_task, is_held_out,
+                       wrong_digits)
 from data._preference import (PREF_REASONS, PreferenceDataset, PreferenceExample, PreferenceRecord, num_sequences,
                               PreferenceReport, encode_preference, get_preference_dataset, layout,
                               preference_batch, preference_eval_examples, record_preference)
@@ -51,14 +53,9 @@ from data._sft import (REASONS, Example, SkipReport, adds_bos, build_examples, e
 from data._sources import (ArrayRecordSource, ConcatSource, DataError, HFSource, JsonlSource, ListSource,
                            ParquetSource, TfdsSource, write_array_record, write_jsonl)
 from data._turns import stop_ids
-from data._synthetic import TASKS, CharTokenizer, Task, generate, get_task, is_held_out
 
-# Imported on first use: TFDS costs a second at import, and the tokenizer modules pull in their own
-# libraries.
+# Imported on first use: the tokenizer modules pull in their own libraries.
 _LAZY = {
-    "prepare_synthetic": "data._tfds",
-    "SyntheticTasks": "data._tfds",
-    "SyntheticTasksConfig": "data._tfds",
     "load_tokenizer": "data._tokenizers",
     "Tokenizer": "data._tokenizers",
     "HFTokenizer": "data._tokenizers",
@@ -69,6 +66,9 @@ _LAZY = {
 
 
 def __getattr__(name):
+  if name in ("prepare_synthetic", "SyntheticTasks", "SyntheticTasksConfig"):   # TFDS, on first use
+    import synthetic  # pylint: disable=g-import-not-at-top
+    return getattr(synthetic, name)
   if name in _LAZY:
     import importlib  # pylint: disable=g-import-not-at-top
     return getattr(importlib.import_module(_LAZY[name]), name)

@@ -12,14 +12,13 @@ import numpy as np
 
 from data import _formats
 from data import _packing
-from data import _pref_synthetic
 from data import _sft
 from data import _sources
-from data import _synthetic
+import synthetic
 from data import _turns
 
 SOURCES = ("builtin", "jsonl", "parquet", "tfds", "array_record", "hf")
-PREF_KINDS = _pref_synthetic.KINDS
+PREF_KINDS = synthetic.KINDS
 BUILTIN_TRAIN_SIZE = 50_000
 BUILTIN_EVAL_SIZE = 1_000
 
@@ -31,7 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Every data option, with its default; `config.data` of an experiment is a copy with overrides."""
   c = ml_collections.ConfigDict()
   c.source = "builtin"       # one of SOURCES
-  # Built-in synthetic tasks (`data._synthetic`).
+  # Built-in synthetic tasks (the `synthetic` package).
   c.task = "sort"            # sort | reverse | add
   c.min_digits = _ph(int)  # digits per number; None: the task's default (sort/reverse 3-6, add 1-4)
   c.max_digits = _ph(int)
@@ -103,7 +102,7 @@ def resolve(config) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown pref_kind {cfg.pref_kind!r}; valid: None (SFT), {', '.join(PREF_KINDS)}")
   _formats.check_format(cfg.format, cfg.pref_kind)
   if cfg.source == "builtin":
-    _synthetic.get_task(cfg.task)  # raises with the valid names
+    synthetic.get_task(cfg.task)  # raises with the valid names
   elif cfg.source in ("jsonl", "parquet", "array_record") and not cfg.path:
     raise ValueError(f"source={cfg.source!r} needs config.path")
   elif cfg.source == "tfds" and not cfg.name:
@@ -122,7 +121,7 @@ def get_tokenizer(config):
   """CharTokenizer for the built-in tasks (or `tokenizer="char"`), else `load_tokenizer(config.tokenizer)`."""
   cfg = resolve(config)
   if cfg.tokenizer == "char" or (cfg.tokenizer is None and cfg.source == "builtin"):
-    return _synthetic.CharTokenizer()
+    return synthetic.CharTokenizer()
   if cfg.tokenizer is None:
     raise ValueError(f"source={cfg.source!r} needs config.tokenizer (a tokenizer directory, or 'char')")
   from data._tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
@@ -142,13 +141,13 @@ def make_source(config, split: str):
   """The random-access record source of a split, before any subsetting."""
   cfg = resolve(config)
   if cfg.source == "builtin":
-    canonical = _synthetic.canonical_split(split)
+    canonical = synthetic.canonical_split(split)
     size = cfg.train_size if canonical == "train" else cfg.eval_size
     size = size or (BUILTIN_TRAIN_SIZE if canonical == "train" else BUILTIN_EVAL_SIZE)
     if cfg.pref_kind:
       return _sources.ListSource(_builtin_preference(cfg, canonical, size),
                                  f"builtin:{cfg.task}/{cfg.pref_kind}/{canonical}")
-    records = _synthetic.generate(cfg.task, canonical, size, seed=cfg.data_seed,
+    records = synthetic.generate(cfg.task, canonical, size, seed=cfg.data_seed,
                                   min_digits=cfg.min_digits, max_digits=cfg.max_digits,
                                   eval_fraction=cfg.eval_fraction)
     return _sources.ListSource(records, f"builtin:{cfg.task}/{canonical}")
@@ -168,7 +167,7 @@ def make_source(config, split: str):
 def _builtin_preference(cfg, split: str, size: int) -> list[dict]:
   fields = {k: cfg[f"{k}_field"] for k in ("prompt", "chosen", "rejected", "completion", "label",
                                             "responses", "scores")}
-  return _pref_synthetic.generate_preference(
+  return synthetic.generate_preference(
       cfg.task, split, size, cfg.pref_kind, seed=cfg.data_seed, list_size=cfg.list_size,
       desirable_fraction=cfg.desirable_fraction, min_digits=cfg.min_digits, max_digits=cfg.max_digits,
       eval_fraction=cfg.eval_fraction, fields=fields)

@@ -8,7 +8,7 @@
     pairs, check = data.eval_examples(cfg, "test", n=200)   # exact-match eval by generation
 
 With `cfg.pref_kind` set ("pairwise" | "unpaired" | "listwise") `get_dataset` builds preference batches
-(`data._preference`) and the built-in source yields preference records (`data._pref_synthetic`).
+(`data._preference`) and the built-in source yields preference records (`synthetic.generate_preference`).
 
 A wrong key in the config fails at once with the valid keys listed.
 """
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import synthetic
 from data import _config
 from data import _formats
 from data import _preference
 from data import _sft
-from data import _synthetic
 from data import _turns
 from data._pipeline import SFTDataset
 
@@ -92,7 +92,7 @@ def eval_examples(config, split: str, n: int | None = None
   pairs, _ = _sft.build_examples(source, _config.indices(cfg, source, split)[:n], pair,
                                  skip_invalid=cfg.skip_invalid)
   if cfg.source == "builtin":
-    return pairs, _synthetic.get_task(cfg.task).check
+    return pairs, synthetic.get_task(cfg.task).check
   return pairs, _exact_match_verifier(pairs)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from data import _sft
 from data._sources import DataError
 
 Segments = list[tuple[str, bool]]
@@ -41,15 +42,6 @@ def render(template: str, messages: list, add_generation_prompt: bool, variables
     return apply_chat_template(template, messages, add_generation_prompt=add_generation_prompt, **variables)
   except jinja2.TemplateError as e:
     raise DataError("bad_messages", f"the chat template refused the conversation: {e}") from None
-
-
-def _common_prefix(a: str, b: str) -> int:
-  n = 0
-  for x, y in zip(a, b):
-    if x != y:
-      break
-    n += 1
-  return n
 
 
 def assistant_turns(messages: list, template: str, variables: dict) -> Segments:
@@ -84,7 +76,6 @@ def _check_messages(msgs: Any, name: str) -> list:
 def sft_segments(record: dict, template: str | None, variables: dict, *, completion_only_loss: bool = True,
                  assistant_only_loss: bool = False) -> tuple[Segments, bool]:
   """(segments, chat) of a canonical record; `chat`: rendered with the template."""
-  from data import _sft  # pylint: disable=g-import-not-at-top
   variables = {**variables, **record.get("template_kwargs", {})}
   if "text" in record:
     if assistant_only_loss:
@@ -122,7 +113,7 @@ def sft_segments(record: dict, template: str | None, variables: dict, *, complet
     return out, True
   p = render(template, prompt, True, variables)
   full = render(template, prompt + completion, False, variables)
-  cut = _common_prefix(p, full)
+  cut = _sft.common_prefix_length(p, full)
   if not completion_only_loss:
     return [("", False), (full, True)], True
   return [(full[:cut], False), (full[cut:], True)], True

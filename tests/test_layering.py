@@ -3,7 +3,8 @@ packages, no import of another package's private modules, and no top-level folde
 
 The order (a package may import only packages on lower floors, and nothing on its own floor but itself):
 
-    floor 0  hooks, data, losses          registries and pure functions; import no other project package
+    floor 0  hooks, losses, synthetic     registries, pure functions, built-in tasks; import no project package
+    floor 1  data                         records -> token batches (its `builtin` source is `synthetic`)
     floor 1  peft                         adapters (parameter transforms)
     floor 2  models                       the decoder; its matmuls call peft.dot
     floor 3  diagnostics, merging         HT-SR spectra, entanglement; model merging
@@ -20,8 +21,8 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FLOORS = [("hooks", "data", "losses"), ("peft",), ("models",), ("diagnostics", "merging"), ("optim",),
-          ("train_lib",), ("configs",), ("main", "benchmarks")]
+FLOORS = [("hooks", "losses", "synthetic"), ("data", "peft"), ("models",), ("diagnostics", "merging"),
+          ("optim",), ("train_lib",), ("configs",), ("main", "benchmarks")]
 FLOOR = {pkg: i for i, names in enumerate(FLOORS) for pkg in names}
 
 

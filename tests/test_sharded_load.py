@@ -67,3 +67,15 @@ def test_hf_checkpoint_and_preset_load_sharded_on_8_devices(tmp_path):
     assert max(got["per_device"]) <= limit, (source, got)
     assert max(got["ref"]) <= limit, (source, got)
     assert sum(got["per_device"]) < got["total"] * 1.5, (source, got)   # not replicated anywhere
+
+
+def test_hf_path_alone_gives_the_tokenizer_when_the_directory_has_one(tmp_path):
+  from configs import sft
+  from train_lib import build
+  config = sft.get_config("model=tiny,smoke")
+  config.model.hf_path = str(tmp_path)
+  assert build.with_defaults(config).data.tokenizer is None        # no tokenizer file: nothing assumed
+  (tmp_path / "tokenizer.json").write_text("{}")
+  assert build.with_defaults(config).data.tokenizer == str(tmp_path)
+  config.data.tokenizer = "char"                                     # an explicit choice is kept
+  assert build.with_defaults(config).data.tokenizer == "char"

@@ -30,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from data import _synthetic
+from synthetic import _tasks as _synthetic
 
 KINDS = ("pairwise", "unpaired", "listwise")
 _DIGITS = "0123456789"

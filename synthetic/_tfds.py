@@ -15,7 +15,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from data import _synthetic
+from synthetic import _tasks as _synthetic
 
 
 @dataclasses.dataclass(eq=False)
