@@ -49,7 +49,7 @@ def karcher_mean(tensors, alphas, max_iter: int = 10, tol: float = 1e-5):
   return scale * mean
 
 
-@register_merge("karcher", base="unused", per_model=("weight",))
+@register_merge("karcher", base="unused", per_model=("weight",), jit=False)   # data-dependent loop
 def karcher(base, models, *, weight=None, max_iter: int = 10, tol: float = 1e-5, key=None, row_axis=-1):
   """Karcher mean of the models (module docstring)."""
   del base, key, row_axis

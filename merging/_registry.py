@@ -25,6 +25,7 @@ uses `fold_in(key, i)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import zlib
@@ -38,6 +39,7 @@ import numpy as np
 STACKED = r"layers/.*"   # paths whose leading axis stacks the decoder layers (models/_decoder.py)
 _METHODS: dict[str, "MergeMethod"] = {}
 _DRIVER_ARGS = ("key", "row_axis", "seed")
+JIT_MIN_SIZE = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class MergeMethod:
   base: str = "required"                # "required" | "optional" | "unused"
   per_model: tuple[str, ...] = ()       # parameters with one value per model
   tensor_params: tuple[str, ...] = ()   # per-model parameter trees sliced like the weights (Fisher)
+  jit: bool = True                      # compile the kernel for large tensors (parameters static)
 
   @property
   def defaults(self) -> dict[str, Any]:
@@ -149,10 +152,21 @@ class MergeMethod:
     params.pop("seed", None)
     kw = self._resolved(params, path, len(models))
     ref = base if base is not None else models[0]
-    f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
-    out = self.fn(f32(base) if self.base != "unused" else None, [f32(x) for x in models],
-                  key=tensor_key(seed, path), row_axis=row_axis_of(path, np.ndim(ref)), **kw)
+    out = self.kernel(base if self.base != "unused" else None, list(models),
+                      key=tensor_key(seed, path), row_axis=row_axis_of(path, np.ndim(ref)), **kw)
     return out.astype(ref.dtype)
+
+  def kernel(self, base, models, **kw):
+    """fn on float32 copies of the inputs, under jax.jit when `jit` and the tensor has >= JIT_MIN_SIZE
+    entries (arrays traced and cast inside, every other parameter static): fusing saves memory and time on
+    large tensors, while on small ones compiling a kernel per shape and parameter set costs more than
+    running op by op."""
+    if not self.jit or np.size(models[0]) < JIT_MIN_SIZE:
+      kw = {k: [_f32(t) for t in v] if k in self.tensor_params else v for k, v in kw.items()}
+      return self.fn(_f32(base), [_f32(x) for x in models], **kw)
+    arrays = {k: kw.pop(k) for k in self.tensor_params + ("key",) if k in kw}
+    static = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
+    return _jitted(self.fn, static)(base, models, **arrays)
 
   def _resolved(self, params, path, n):
     kw = {}
@@ -166,8 +180,23 @@ class MergeMethod:
     return kw
 
 
+def _f32(x):
+  return None if x is None else jnp.asarray(x, jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, static):
+  kw = {k: list(v) if isinstance(v, tuple) else v for k, v in static}
+
+  def run(base, models, key=None, **arrays):
+    arrays = {k: [_f32(t) for t in v] for k, v in arrays.items()}
+    return fn(_f32(base), [_f32(x) for x in models], key=key, **arrays, **kw)
+  return jax.jit(run)
+
+
 def register_merge(name: str, *, kind: str = "tensor", base: str = "required",
-                   per_model: tuple[str, ...] = ("weight",), tensor_params: tuple[str, ...] = ()):
+                   per_model: tuple[str, ...] = ("weight",), tensor_params: tuple[str, ...] = (),
+                   jit: bool = True):
   """Decorator: registers `fn` under `name` and returns the callable `MergeMethod`."""
   if kind not in ("tensor", "model", "lora") or base not in ("required", "optional", "unused"):
     raise ValueError(f"{name}: bad kind {kind!r} or base policy {base!r}")
@@ -175,7 +204,7 @@ def register_merge(name: str, *, kind: str = "tensor", base: str = "required",
   def wrap(fn):
     if name in _METHODS:
       raise ValueError(f"merge method {name!r} is already registered")
-    method = MergeMethod(name, fn, kind, base, tuple(per_model), tuple(tensor_params))
+    method = MergeMethod(name, fn, kind, base, tuple(per_model), tuple(tensor_params), jit)
     object.__setattr__(method, "__doc__", fn.__doc__)
     _METHODS[name] = method
     return method
@@ -251,10 +280,9 @@ def merge_trees(method: MergeMethod, base, models, *, seed: int = 0, stacked: Op
 def _one(method, b, xs, path, key_path, seed, params, tp):
   ref = b if b is not None else xs[0]
   kw = method._resolved(params, path, len(xs))
-  kw.update({k: [jnp.asarray(t, jnp.float32) for t in v] for k, v in tp.items()})
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  out = method.fn(None if b is None or method.base == "unused" else f32(b), [f32(x) for x in xs],
-                  key=tensor_key(seed, key_path), row_axis=row_axis_of(path, np.ndim(ref)), **kw)
+  kw.update(tp)
+  out = method.kernel(None if b is None or method.base == "unused" else b, list(xs),
+                      key=tensor_key(seed, key_path), row_axis=row_axis_of(path, np.ndim(ref)), **kw)
   return out.astype(ref.dtype)
 
 

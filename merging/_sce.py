@@ -22,7 +22,7 @@ def sce_mask(tvs, select_topk: float):
   if select_topk >= 1:
     return jnp.ones(tvs.shape[1:], tvs.dtype)
   var = jnp.var(tvs, axis=0)
-  k = int(int(jnp.count_nonzero(var)) * select_topk)
+  k = jnp.floor(jnp.count_nonzero(var) * select_topk).astype(jnp.int32)
   return topk_mask(jnp.abs(var), k).astype(tvs.dtype)
 
 
@@ -35,7 +35,7 @@ def sce(base, models, *, select_topk: float = 1.0, key=None, row_axis=-1):
     tvs = tvs * sce_mask(tvs, select_topk)[None]
   erase = agreement(tvs, "sum")
   c = jnp.mean(jnp.square(tvs).reshape(len(models), -1), axis=1)
-  total = float(jnp.sum(c))
-  c = jnp.full_like(c, 1.0 / len(models)) if abs(total) < 1e-6 else c / total
+  total = jnp.sum(c)
+  c = jnp.where(jnp.abs(total) < 1e-6, 1.0 / len(models), c / jnp.where(jnp.abs(total) < 1e-6, 1.0, total))
   ce = c.reshape((-1,) + (1,) * base.ndim) * erase
   return base + jnp.sum(tvs * ce, axis=0) / jnp.maximum(jnp.sum(ce, axis=0), 1e-6)

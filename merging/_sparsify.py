@@ -56,13 +56,19 @@ def _topk_mask(score: jax.Array, k: jax.Array) -> jax.Array:
   gt = keys > t
   eq = keys == t
   need = k - jnp.sum(gt, dtype=jnp.int32)
-  keep = gt | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= need))
+  # Ties at the threshold (common for bfloat16 weights) keep the first `need` in flat order; the cumsum
+  # is slow on CPU, so it runs only when the threshold is tied.
+  keep = jax.lax.cond(jnp.sum(eq, dtype=jnp.int32) > need,
+                      lambda: gt | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= need)),
+                      lambda: gt | eq)
   return keep.reshape(score.shape)
 
 
-def topk_mask(score: jax.Array, k: int) -> jax.Array:
-  """Boolean mask of exactly the k largest entries of `score` (ties in flat-index order)."""
+def topk_mask(score: jax.Array, k) -> jax.Array:
+  """Boolean mask of exactly the k largest entries of `score` (ties in flat-index order); k may be traced."""
   n = int(np.prod(score.shape))
+  if not isinstance(k, (int, np.integer)):
+    return _topk_mask(jnp.asarray(score, jnp.float32), jnp.clip(k, 0, n).astype(jnp.int32))
   if k >= n:
     return jnp.ones(score.shape, bool)
   if k <= 0:

@@ -45,7 +45,11 @@ def _read_raw(file: str, name: str) -> np.ndarray:
 
 
 class CheckpointReader:
-  """name -> numpy tensor over `model.safetensors` or the shards its index lists; files opened lazily."""
+  """name -> numpy tensor over `model.safetensors` or the shards its index lists.
+
+  Each read opens the file, copies the one tensor out and closes it again, so no memory map of a whole
+  shard stays resident in the process between tensors.
+  """
 
   def __init__(self, path: str):
     from safetensors import safe_open   # pylint: disable=g-import-not-at-top
@@ -59,24 +63,17 @@ class CheckpointReader:
         self.files = {k: single for k in f.keys()}
     else:
       raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
-    self._open = {}
 
   def names(self) -> list[str]:
     return list(self.files)
 
   def get(self, name: str) -> np.ndarray:
     file = self.files[name]
-    if file not in self._open:
-      self._open[file] = self._safe_open(file, framework="numpy").__enter__()
     try:
-      return self._open[file].get_tensor(name)
+      with self._safe_open(file, framework="numpy") as f:
+        return f.get_tensor(name)
     except (TypeError, KeyError, ValueError, RuntimeError):
       return _read_raw(file, name)
-
-  def close(self):
-    for f in self._open.values():
-      f.__exit__(None, None, None)
-    self._open = {}
 
 
 class ShardWriter:
@@ -103,6 +100,11 @@ class ShardWriter:
     self.files.append((tmp, list(self.pending)))
     self.pending, self.pending_bytes = {}, 0
 
+  def abort(self):
+    for tmp, _ in self.files:
+      if os.path.exists(os.path.join(self.path, tmp)):
+        os.remove(os.path.join(self.path, tmp))
+
   def close(self):
     self.flush()
     n = len(self.files)
@@ -115,7 +117,7 @@ class ShardWriter:
 
 
 def merge_checkpoints(method, base_dir: Optional[str], model_dirs: Sequence[str], out_dir: str, *,
-                      seed: int = 0, max_shard_bytes: int = 2 << 30, **params) -> str:
+                      seed: int = 0, max_shard_bytes: int = 1 << 30, **params) -> str:
   """Merges HF safetensors checkpoints with a registered method (module docstring); returns out_dir."""
   m: MergeMethod = get(method) if isinstance(method, str) else method
   if m.kind == "lora":
@@ -151,9 +153,9 @@ def merge_checkpoints(method, base_dir: Optional[str], model_dirs: Sequence[str]
         del b, xs
         writer.add(n, out)
     writer.close()
-  finally:
-    for r in readers + ([base] if base else []):
-      r.close()
+  except BaseException:
+    writer.abort()
+    raise
   src = base_dir if base_dir is not None else model_dirs[0]
   for f in _COPIED:
     if os.path.exists(os.path.join(src, f)):
