@@ -23,8 +23,9 @@ from merging._sparsify import kth_smallest
 
 
 def _minmax(x):
+  """Per-row min-max rescale; a constant row gives 0 (the reference divides 0 by 0 there)."""
   lo, hi = jnp.min(x, axis=1, keepdims=True), jnp.max(x, axis=1, keepdims=True)
-  return (x - lo) / (hi - lo)
+  return jnp.where(hi > lo, (x - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
 
 
 def _row_quantile(x, index):
