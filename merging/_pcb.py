@@ -16,10 +16,13 @@ streaming `merge_checkpoints` loads every tensor for this method (`per_tensor=Tr
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from merging._registry import register_merge
-from merging._sparsify import kth_smallest
+from merging._sparsify import kth_smallest_rows
 
 
 def _minmax(x):
@@ -29,9 +32,10 @@ def _minmax(x):
 
 
 def _row_quantile(x, index):
-  return jnp.stack([kth_smallest(r, index) for r in x])[:, None]
+  return kth_smallest_rows(x, index)[:, None]
 
 
+@functools.partial(jax.jit, static_argnames=("density", "clip"))
 def pcb_merge_flat(tau: jnp.ndarray, density: float = 0.1, clip: float = 1e-4) -> jnp.ndarray:
   """The merged task vector [D] from tau [N, D] (module docstring)."""
   n, d = tau.shape

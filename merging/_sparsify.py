@@ -40,8 +40,7 @@ def _from_key(k: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(i, jnp.float32)
 
 
-@jax.jit
-def _kth_largest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
+def _kth_largest_key_1d(keys: jax.Array, k: jax.Array) -> jax.Array:
   """The largest t with #{keys >= t} >= k, i.e. the k-th largest key (1 <= k <= n), bit by bit."""
   def body(j, t):
     cand = t | (jnp.uint32(1) << (31 - j).astype(jnp.uint32))
@@ -49,19 +48,38 @@ def _kth_largest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, 32, body, jnp.uint32(0))
 
 
+_kth_largest_key = jax.jit(_kth_largest_key_1d)
+_kth_largest_key_rows = jax.jit(jax.vmap(_kth_largest_key_1d, in_axes=(0, None)))
+_BUCKET_MAX = 1 << 20   # smaller inputs are padded to a power of two, so one compiled kernel serves many shapes
+
+
+def _padded(flat: jax.Array, fill) -> jax.Array:
+  n = flat.shape[-1]
+  if n >= _BUCKET_MAX:
+    return flat
+  size = max(1024, 1 << (n - 1).bit_length())
+  pad = [(0, 0)] * (flat.ndim - 1) + [(0, size - n)]
+  return jnp.pad(flat, pad, constant_values=fill)
+
+
 @jax.jit
-def _topk_mask(score: jax.Array, k: jax.Array) -> jax.Array:
-  keys = _order_key(score.reshape(-1))
-  t = _kth_largest_key(keys, k)
+def _topk_mask_flat(score: jax.Array, k: jax.Array) -> jax.Array:
+  keys = _order_key(score)
+  t = _kth_largest_key_1d(keys, k)
   gt = keys > t
   eq = keys == t
   need = k - jnp.sum(gt, dtype=jnp.int32)
   # Ties at the threshold (common for bfloat16 weights) keep the first `need` in flat order; the cumsum
   # is slow on CPU, so it runs only when the threshold is tied.
-  keep = jax.lax.cond(jnp.sum(eq, dtype=jnp.int32) > need,
+  return jax.lax.cond(jnp.sum(eq, dtype=jnp.int32) > need,
                       lambda: gt | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= need)),
                       lambda: gt | eq)
-  return keep.reshape(score.shape)
+
+
+def _topk_mask(score: jax.Array, k: jax.Array) -> jax.Array:
+  """Padding with -inf never enters the top k (k <= n)."""
+  flat = score.reshape(-1)
+  return _topk_mask_flat(_padded(flat, -jnp.inf), k)[:flat.shape[0]].reshape(score.shape)
 
 
 def topk_mask(score: jax.Array, k) -> jax.Array:
@@ -78,9 +96,14 @@ def topk_mask(score: jax.Array, k) -> jax.Array:
 
 def kth_smallest(x: jax.Array, index: int) -> jax.Array:
   """sort(x.ravel())[index] (0-based) without sorting."""
-  n = int(np.prod(x.shape))
-  keys = _order_key(jnp.asarray(x, jnp.float32).reshape(-1))
-  return _from_key(_kth_largest_key(keys, jnp.int32(n - index)))
+  return kth_smallest_rows(jnp.reshape(x, (1, -1)), index)[0]
+
+
+def kth_smallest_rows(x: jax.Array, index) -> jax.Array:
+  """sort(x, axis=1)[:, index] for x [N, D] without sorting (padding with -inf sits below every entry)."""
+  n = x.shape[1]
+  keys = _order_key(_padded(jnp.asarray(x, jnp.float32), -jnp.inf))
+  return _from_key(_kth_largest_key_rows(keys, jnp.asarray(n - index, jnp.int32)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -55,6 +55,11 @@ def assert_tree_close(a, b, rtol=1e-6, exact=False):
 # ---------------------------------------------------------------------------------------------------
 # Identities
 # ---------------------------------------------------------------------------------------------------
+SMALL = {"embed": {"embedding": merging.flatten(FTS[0])["embed/embedding"]},
+         "layers": {"attn": {"q_proj": {"kernel": merging.flatten(FTS[0])["layers/attn/q_proj/kernel"]}}},
+         "final_norm": {"scale": merging.flatten(FTS[0])["final_norm/scale"]}}
+
+
 SELF_CASES = {   # method: (models given, params); every one of them must return the model itself
     "linear": (2, {}), "task_arithmetic": (2, {}), "ties": (2, dict(density=0.3)),
     "dare_linear": (2, dict(density=0.5)), "dare_ties": (2, dict(density=0.5)),
@@ -63,14 +68,14 @@ SELF_CASES = {   # method: (models given, params); every one of them must return
     "sce": (2, dict(select_topk=0.5)), "slerp": (1, dict(t=0.3)), "nuslerp": (2, {}),
     "model_stock": (2, {}), "karcher": (3, {}), "nearswap": (1, dict(t=0.1)), "tsv_m": (2, {}),
     "pcb": (2, dict(density=0.2)), "compeft": (2, dict(density=0.2)),
-    "fisher": (2, dict(fisher=[tree(7, 1.0), tree(8, 1.0)])),
+    "fisher": (2, dict(fisher=[jax.tree.map(np.abs, SMALL), jax.tree.map(np.square, SMALL)])),
 }
 
 
 @pytest.mark.parametrize("name", list(SELF_CASES))
 def test_merging_a_model_with_itself_returns_it(name):
   n, params = SELF_CASES[name]
-  x = FTS[0]
+  x = SMALL
   out = merging.get(name)(x, [x] * n, **params)
   assert_tree_close(out, x, rtol=1e-6)
 
@@ -92,7 +97,7 @@ def test_linear_weight_one_and_zero_is_exact():
 
 def test_bfloat16_in_bfloat16_out():
   b16 = lambda t: jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), t)
-  out = merging.ties(b16(BASE), [b16(f) for f in FTS], density=0.5)
+  out = merging.ties(b16(SMALL), [b16(SMALL), b16(jax.tree.map(lambda x: x + 1, SMALL))], density=0.5)
   assert all(np.asarray(x).dtype == ml_dtypes.bfloat16 for x in merging.flatten(out).values())
 
 
@@ -211,13 +216,13 @@ def test_regex_parameters_first_full_match_wins():
 
 
 def test_stacked_layers_merge_layer_by_layer():
-  out = merging.flatten(merging.ties(BASE, FTS, density=0.25))
-  path = "layers/mlp/down_proj/kernel"
+  path = "layers/attn/q_proj/kernel"
+  base, fts = {path: merging.flatten(BASE)[path]}, [{path: merging.flatten(f)[path]} for f in FTS]
+  out = merging.ties(base, fts, density=0.25)
   for l in range(L):
-    one = merging.ties({"w": merging.flatten(BASE)[path][l]}, [{"w": merging.flatten(f)[path][l]} for f in FTS],
-                       density=0.25, stacked=None)
+    one = merging.ties({"w": base[path][l]}, [{"w": f[path][l]} for f in fts], density=0.25, stacked=None)
     np.testing.assert_array_equal(out[path][l], one["w"])
-  whole = merging.flatten(merging.ties(BASE, FTS, density=0.25, stacked=None))[path]
+  whole = merging.ties(base, fts, density=0.25, stacked=None)[path]
   assert not np.array_equal(whole, out[path])    # one top-k over both layers differs
 
 
