@@ -225,7 +225,8 @@ def names() -> list[str]:
 # The tree driver
 # ---------------------------------------------------------------------------------------------------
 def _is_float(x) -> bool:
-  return jnp.issubdtype(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.floating)
+  """Floating leaves are merged (bfloat16 included); integer or boolean ones are copied."""
+  return jnp.issubdtype(getattr(x, "dtype", np.asarray(x).dtype), jnp.floating)
 
 
 def merge_trees(method: MergeMethod, base, models, *, seed: int = 0, stacked: Optional[str] = STACKED,

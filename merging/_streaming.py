@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from merging._registry import MergeMethod, get
+from merging._registry import MergeMethod, _is_float, get
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -146,7 +146,7 @@ def merge_checkpoints(method, base_dir: Optional[str], model_dirs: Sequence[str]
         b = base.get(n) if base is not None else None
         xs = [r.get(n) for r in readers]
         ref = b if b is not None else xs[0]
-        if not np.issubdtype(ref.dtype, np.floating) and ref.dtype.name != "bfloat16":
+        if not _is_float(ref):
           out = ref
         else:
           out = np.asarray(m.tensor(b, xs, path=n, seed=seed, **params))

@@ -24,7 +24,7 @@ from tests import refenv
 
 pytestmark = pytest.mark.parity
 REL = 1e-6
-D, F, V, L = 16, 24, 32, 2
+D, F, V, L = 16, 24, 24, 2   # V = F: the two layouts share shapes (fewer compiles)
 SEED = 3
 
 
