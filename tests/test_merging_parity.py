@@ -13,6 +13,7 @@ to it are compared with ours. mergekit's `rescale: true` is our `rescale="norm"`
 Tolerance: max |ours - ref| / max |ref| per tensor, float32 inputs.
 """
 import json
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -183,9 +184,16 @@ def build(cases, layout):
   return jobs, arrays, index
 
 
-def run_layout(cases, layout):
+def mergekit_available() -> bool:
   if not refenv.available():
-    pytest.skip("reference environment (.venv-ref) missing")
+    return False
+  probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('mergekit') is None)"
+  return subprocess.run([str(refenv.REF_PYTHON), "-c", probe], check=False).returncode == 0
+
+
+def run_layout(cases, layout):
+  if not mergekit_available():
+    pytest.skip("mergekit missing from the reference environment (.venv-ref); run `make ref-env`")
   jobs, arrays, index = build(cases, layout)
   ref = refenv.run("mergekit_merge", arrays, cases=json.dumps(jobs))
   results = {}
