@@ -3,7 +3,8 @@
 Each rank-1 part of each adapter is a minimal semantic unit u = [a[:, j]; w s b[j, :]] (column j of a,
 row j of b with the adapter's scale and weight folded into b), in R^(in + out). The units of all adapters
 are pooled and clustered by k-means (Lloyd, `iters` rounds, deterministic farthest-point initialisation
-from the unit of largest norm; an empty cluster keeps its centroid). Centroid c gives rank c of the merged
+from the unit of largest norm; an empty cluster keeps its centroid; the final assignment is to the
+nearest final centroid). Centroid c gives rank c of the merged
 adapter: a'[:, c] = c_a, b'[c, :] = c_b.
 Reweighting (`reweight=True`; our reading of the paper's dual reweighting, unverified): averaging shrinks
 norms, so each centroid's a and b parts are rescaled to the mean norms of their members' a and b parts.
@@ -14,6 +15,9 @@ layer. Returns {path: (a [.., in, k], b [.., k, out])} with scale 1.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,33 +25,37 @@ from merging._lora_combine import lora_factors
 from merging._registry import register_merge
 
 
+@functools.partial(jax.jit, static_argnames=("k", "iters"))
 def kmeans(x: jnp.ndarray, k: int, iters: int = 50):
-  """(centroids [k, d], assignment [n]) of Lloyd's k-means from a farthest-point initialisation."""
+  """(centroids [k, d], assignment [n]) of `iters` rounds of Lloyd's k-means from a farthest-point
+  initialisation (the unit of largest norm, then repeatedly the unit farthest from those chosen); k <= n."""
   n = x.shape[0]
-  k = min(k, n)
-  idx = [int(jnp.argmax(jnp.sum(x * x, axis=1)))]
-  d2 = jnp.sum(jnp.square(x - x[idx[0]]), axis=1)
-  for _ in range(1, k):
-    idx.append(int(jnp.argmax(d2)))
-    d2 = jnp.minimum(d2, jnp.sum(jnp.square(x - x[idx[-1]]), axis=1))
-  c = x[jnp.asarray(idx)]
-  assign = None
-  for _ in range(iters):
-    dist = jnp.sum(jnp.square(x[:, None, :] - c[None]), axis=-1)
-    new = jnp.argmin(dist, axis=1)
-    if assign is not None and bool(jnp.all(new == assign)):
-      break
-    assign = new
-    onehot = (assign[:, None] == jnp.arange(k)[None]).astype(x.dtype)
+  first = jnp.argmax(jnp.sum(x * x, axis=1))
+  idx = jnp.zeros((k,), jnp.int32).at[0].set(first)
+  d2 = jnp.sum(jnp.square(x - x[first]), axis=1)
+
+  def pick(j, carry):
+    idx, d2 = carry
+    nxt = jnp.argmax(d2)
+    return idx.at[j].set(nxt), jnp.minimum(d2, jnp.sum(jnp.square(x - x[nxt]), axis=1))
+  idx, _ = jax.lax.fori_loop(1, k, pick, (idx, d2))
+
+  def assign(c):
+    return jnp.argmin(jnp.sum(jnp.square(x[:, None, :] - c[None]), axis=-1), axis=1)
+
+  def lloyd(_, c):
+    onehot = (assign(c)[:, None] == jnp.arange(k)[None]).astype(x.dtype)
     count = jnp.sum(onehot, axis=0)
-    c = jnp.where(count[:, None] > 0, (onehot.T @ x) / jnp.maximum(count, 1)[:, None], c)
-  return c, assign
+    return jnp.where(count[:, None] > 0, (onehot.T @ x) / jnp.maximum(count, 1)[:, None], c)
+  c = jax.lax.fori_loop(0, iters, lloyd, x[idx])
+  del n
+  return c, assign(c)
 
 
 def _lego_one(units_a, units_b, k, iters, reweight):
   din = units_a.shape[1]
   x = jnp.concatenate([units_a, units_b], axis=1)
-  c, assign = kmeans(x, k, iters)
+  c, assign = kmeans(x, min(k, x.shape[0]), iters)
   ca, cb = c[:, :din], c[:, din:]
   if reweight:
     onehot = (assign[:, None] == jnp.arange(c.shape[0])[None]).astype(x.dtype)
