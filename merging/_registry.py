@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import peft
+
 STACKED = r"layers/.*"   # paths whose leading axis stacks the decoder layers (models/_decoder.py)
 _METHODS: dict[str, "MergeMethod"] = {}
 _DRIVER_ARGS = ("key", "row_axis", "seed")
@@ -233,7 +235,8 @@ def merge_trees(method: MergeMethod, base, models, *, seed: int = 0, stacked: Op
                 **params):
   """Applies `method` to a base tree (or None) and a list of model trees; returns a tree like `base`.
 
-  Non-float leaves are copied from the base (or the first model). `stacked`: regex of paths with a
+  Adapter nodes in the trees are merged into their weights first (`peft.merge`). Non-float leaves are
+  copied from the base (or the first model). `stacked`: regex of paths with a
   leading layer axis merged layer by layer (None: never split).
   """
   models = list(models)
@@ -244,6 +247,9 @@ def merge_trees(method: MergeMethod, base, models, *, seed: int = 0, stacked: Op
   params = method.check_params(params)
   params.pop("stacked", None)
   params.pop("seed", None)
+  # Adapter nodes (LoRA, DoRA, ...) are folded into plain weights first: a merge sees whole models.
+  base = None if base is None else peft.merge(base)
+  models = [peft.merge(m) for m in models]
   nested = isinstance(models[0], Mapping) and any(isinstance(v, Mapping) for v in models[0].values())
   flat = [flatten(m) for m in models]
   flat_base = flatten(base) if base is not None else None

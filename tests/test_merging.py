@@ -95,6 +95,17 @@ def test_linear_weight_one_and_zero_is_exact():
   assert_tree_close(merging.linear(None, [FTS[0], FTS[1]], weight=[1.0, 0.0]), FTS[0], exact=True)
 
 
+def test_adapter_nodes_are_folded_in_before_merging():
+  import peft
+  w = SMALL["layers"]["attn"]["q_proj"]["kernel"]
+  node = peft.LoRA(base=w, a=np.ones(w.shape[:-1] + (2,), np.float32),
+                   b=np.full((w.shape[0], 2, w.shape[-1]), 0.1, np.float32), scale=0.5)
+  with_lora = jax.tree.map(lambda x: x, SMALL)
+  with_lora["layers"] = {"attn": {"q_proj": {"kernel": node}}}
+  out = merging.linear(None, [with_lora, SMALL], weight=[1.0, 0.0])
+  np.testing.assert_allclose(out["layers"]["attn"]["q_proj"]["kernel"], w + 0.5 * 2 * 0.1, rtol=1e-6)
+
+
 def test_bfloat16_in_bfloat16_out():
   b16 = lambda t: jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), t)
   out = merging.ties(b16(SMALL), [b16(SMALL), b16(jax.tree.map(lambda x: x + 1, SMALL))], density=0.5)
