@@ -11,6 +11,9 @@ reference script replaces torch.bernoulli by our masks (`merging.random_mask` / 
 the documented keys `fold_in(tensor_key(seed, path), i)`), and for DELLA the probabilities mergekit passed
 to it are compared with ours. mergekit's `rescale: true` is our `rescale="norm"`.
 Tolerance: max |ours - ref| / max |ref| per tensor, float32 inputs.
+LoRA combinations (cat, svd, linear, ties_svd, magnitude_prune_svd) are compared with PEFT's
+`add_weighted_adapter` on one linear layer (tests/ref/peft_lora_combine.py), through the merged delta
+(SVD factors are unique only up to signs), at 1e-5.
 """
 import json
 import subprocess
@@ -230,3 +233,54 @@ def test_stacked_layout_matches_mergekit(stacked_results, name):
   for path, err, perr in stacked_results[name]:
     assert err <= REL, f"{name} {path}: relative error {err:.2e}"
     assert perr <= 1e-6, f"{name} {path}: DELLA probabilities differ by {perr:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA combinations against PEFT's add_weighted_adapter (peft in .venv-ref, tests/ref/peft_lora_combine.py)
+# ---------------------------------------------------------------------------------------------------
+LORA_RANKS, LORA_ALPHAS = (2, 3), (4.0, 3.0)
+# name: (our method, our params, PEFT combination_type, PEFT extra)
+LORA_CASES = {
+    "cat": ("lora_cat", dict(weight=[0.7, -0.4]), "cat", {}),
+    "svd": ("lora_svd", dict(weight=[0.5, 2.0], rank=3), "svd", dict(svd_rank=3)),
+    "ties_svd": ("lora_ties", dict(weight=[1.0, 0.5], density=0.5, rank=4), "ties_svd",
+                 dict(svd_rank=4, density=0.5)),
+    "magnitude_prune_svd": ("lora_magnitude_prune", dict(weight=[1.0, 0.3], density=0.4, rank=4),
+                            "magnitude_prune_svd", dict(svd_rank=4, density=0.4)),
+}
+LORA_LINEAR = ("lora_linear", dict(weight=[0.5, 1.5]), "linear", {})
+
+
+def lora_inputs(ranks):
+  rng = np.random.default_rng(11)
+  return [(rng.normal(size=(7, r)).astype(np.float32), rng.normal(size=(r, 6)).astype(np.float32))
+          for r in ranks]
+
+
+def run_lora_cases(cases, ranks, alphas):
+  ins = lora_inputs(ranks)
+  arrays = {f"{k}{i}": f for i, (a, b) in enumerate(ins) for k, f in (("a", a), ("b", b))}
+  jobs = [dict(combination_type=ct, weights=ours["weight"], alphas=list(alphas), **extra)
+          for _, ours, ct, extra in cases.values()]
+  ref = refenv.run("peft_lora_combine", arrays, cases=json.dumps(jobs))
+  loras = [{"w": (a, b, alpha / r)} for (a, b), alpha, r in zip(ins, alphas, ranks)]
+  errs = {}
+  for c, (name, (method, ours, _, _)) in enumerate(cases.items()):
+    a, b = merging.get(method)(loras, **ours)["w"]
+    got, exp = np.asarray(a, np.float64) @ np.asarray(b, np.float64), ref[f"delta{c}"]
+    errs[name] = float(np.abs(got - exp).max() / np.abs(exp).max())
+  return errs
+
+
+@pytest.fixture(scope="module")
+def lora_results():
+  if not refenv.available():
+    pytest.skip("reference environment (.venv-ref) missing")
+  errs = run_lora_cases(LORA_CASES, LORA_RANKS, LORA_ALPHAS)
+  errs.update(run_lora_cases({"linear": LORA_LINEAR}, (3, 3), (6.0, 3.0)))   # linear needs equal ranks
+  return errs
+
+
+@pytest.mark.parametrize("name", list(LORA_CASES) + ["linear"])
+def test_lora_combination_matches_peft(lora_results, name):
+  assert lora_results[name] <= 1e-5, f"{name}: relative error {lora_results[name]:.2e}"
