@@ -154,15 +154,19 @@ class MergeMethod:
     params.pop("seed", None)
     kw = self._resolved(params, path, len(models))
     ref = base if base is not None else models[0]
-    out = self.kernel(base if self.base != "unused" else None, list(models),
+    out = self.kernel(base if self.base != "unused" else None, list(models), path=path,
                       key=tensor_key(seed, path), row_axis=row_axis_of(path, np.ndim(ref)), **kw)
     return out.astype(ref.dtype)
 
-  def kernel(self, base, models, **kw):
+  def kernel(self, base, models, *, path: str = "", **kw):
     """fn on float32 copies of the inputs, under jax.jit when `jit` and the tensor has >= JIT_MIN_SIZE
     entries (arrays traced and cast inside, every other parameter static): fusing saves memory and time on
     large tensors, while on small ones compiling a kernel per shape and parameter set costs more than
     running op by op."""
+    shapes = {tuple(np.shape(x)) for x in ([base] if base is not None else []) + list(models)}
+    if len(shapes) > 1:
+      raise ValueError(f"{self.name}: {path or 'a tensor'} has different shapes across the models {sorted(shapes)}; "
+                       "resize (e.g. embeddings of other vocabularies) before merging")
     if not self.jit or np.size(models[0]) < JIT_MIN_SIZE:
       kw = {k: [_f32(t) for t in v] if k in self.tensor_params else v for k, v in kw.items()}
       return self.fn(_f32(base), [_f32(x) for x in models], **kw)
@@ -288,7 +292,7 @@ def _one(method, b, xs, path, key_path, seed, params, tp):
   ref = b if b is not None else xs[0]
   kw = method._resolved(params, path, len(xs))
   kw.update(tp)
-  out = method.kernel(None if b is None or method.base == "unused" else b, list(xs),
+  out = method.kernel(None if b is None or method.base == "unused" else b, list(xs), path=key_path,
                       key=tensor_key(seed, key_path), row_axis=row_axis_of(path, np.ndim(ref)), **kw)
   return out.astype(ref.dtype)
 

@@ -207,6 +207,13 @@ def test_registry():
     merging.ties(None, FTS)
 
 
+def test_shape_mismatch_is_named():
+  other = jax.tree.map(lambda x: x, SMALL)
+  other["embed"] = {"embedding": np.zeros((V + 2, D), np.float32)}
+  with pytest.raises(ValueError, match="embed/embedding has different shapes"):
+    merging.ties(SMALL, [other])
+
+
 def test_regex_parameters_first_full_match_wins():
   rules = {"embed/.*": 1.0, "layers/attn/.*": 0.3, ".*": 0.5}
   out = merging.flatten(merging.ties(BASE, FTS[:1], density=rules))
