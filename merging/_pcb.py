@@ -12,7 +12,8 @@ Over the task vectors of the whole model, flattened to tau [N, D] (or per tensor
 `PCB_merge` of `duguodong7/pcb-merging`, pcb_ratio = density, default 0.1; lambda fixed here, the paper
 also searches it.) mergekit's `pcb` (absent from 0.1.5) divides by a global scalar sum of the weights
 instead, which shrinks the merged delta; we follow the official code. Whole-model statistics: the
-streaming `merge_checkpoints` loads every tensor for this method (`per_tensor=True` streams).
+streaming `merge_checkpoints` loads every tensor for this method. `per_tensor=True` applies the formula
+to each leaf on its own (a stacked [L, ...] leaf as a whole); it is not the paper's method.
 """
 from __future__ import annotations
 
