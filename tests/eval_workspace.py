@@ -32,6 +32,23 @@ def _write(path, records):
       f.write(json.dumps(r) + "\n")
 
 
+# Qwen2's pre-tokenization (digits one by one), as its tokenizer.json has it. transformers 5 picks the
+# tokenizer class from config.json's model_type and a Qwen2Tokenizer sets these itself, so a tokenizer.json
+# that lacked them would encode differently there than with the `tokenizers` library.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _qwen2_pre_tokenizer(path: str) -> None:
+  from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers   # pylint: disable=g-import-not-at-top
+  tok = Tokenizer.from_file(path)
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.save(path)
+
+
 def make(root: str) -> dict:
   import models   # pylint: disable=g-import-not-at-top
   ckpt, data_dir = os.path.join(root, "ckpt"), os.path.join(root, "data")
@@ -39,6 +56,7 @@ def make(root: str) -> dict:
   train, test = _problems(24), _problems(6, offset=5)
   corpus = [q + " " + a + " " + r for q, a, r in train + test] + ["The sky is blue. Grass is green. red blue"]
   chat_tokenizers.make("qwen2", ckpt, corpus, vocab_size=300)
+  _qwen2_pre_tokenizer(os.path.join(ckpt, "tokenizer.json"))
   import data   # pylint: disable=g-import-not-at-top
   tok = data.load_tokenizer(ckpt)
   cfg = models.DecoderConfig.tiny(vocab_size=tok.vocab_size, qkv_bias=True, tie_embeddings=True)

@@ -222,3 +222,28 @@ def test_generation_config_lists_chat_stop_tokens(tmp_path):
   q = data.load_tokenizer(chat_tokenizers.make("qwen2", str(tmp_path / "q"), ["hello there"]))
   gq = export_files.generation_config(q)
   assert "bos_token_id" not in gq and gq["eos_token_id"] == q.token_to_id("<|im_end|>")
+
+
+# ---- in-training evaluation -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_in_training_eval_runs_task_files_and_win_rate(tmp_path):
+  """A smoke DPO + LoRA run on the built-in task: task files and the verifier-judged win rate against the
+  base under the adapters are evaluated before and after training."""
+  import train_lib
+  from configs import dpo
+  mc = tmp_path / "digits.jsonl"
+  mc.write_text("".join(json.dumps({"question": f"sort {a}:", "choices": [a, "".join(sorted(a))], "gold": 1}) + "\n"
+                        for a in ("312", "9051", "77a1")))
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"prompt": f"sort {a}:", "chosen": "".join(sorted(a)), "rejected": a}) + "\n"
+                           for a in ("312", "9051")))
+  config = dpo.get_config("model=tiny,smoke")
+  config.eval.tasks = f"{mc},pref:{pairs}"
+  config.eval.mc_template = "{question}"   # the CharTokenizer has no capitals
+  config.eval.win_rate = True
+  config.eval.num_examples = 4
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "wd"))
+  for tag in ("before", "after"):
+    res = summary[tag]
+    assert {"digits/acc", "digits/acc_norm", "pairs/rewards/accuracies", "pairs/ranking_accuracy", "win_rate"} <= set(res)
+  assert summary["before"]["win_rate"] == 0.5     # before training the policy is the reference: all ties
