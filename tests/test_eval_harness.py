@@ -247,3 +247,21 @@ def test_in_training_eval_runs_task_files_and_win_rate(tmp_path):
     res = summary[tag]
     assert {"digits/acc", "digits/acc_norm", "pairs/rewards/accuracies", "pairs/ranking_accuracy", "win_rate"} <= set(res)
   assert summary["before"]["win_rate"] == 0.5     # before training the policy is the reference: all ties
+
+
+def test_eval_task_on_an_hf_checkpoint(tiny, tmp_path):
+  """`configs/eval.py` with --config.hf_path: a checkpoint directory evaluated on task files, no run."""
+  import train_lib
+  from configs import eval as eval_config
+  model, params = tiny
+  d = str(tmp_path / "ckpt")
+  models.save_hf(d, model.config, params)
+  export_files.write_tokenizer(ml_collections.ConfigDict({"tokenizer": None}), data.CharTokenizer(), d)
+  (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "1+1", "choices": ["2", "3"], "gold": 0}) + "\n")
+  config = eval_config.get_config()
+  config.hf_path = d
+  config.eval.tasks = str(tmp_path / "mc.jsonl")
+  config.eval.mc_template = "{question}="
+  res = train_lib.run_task(config, str(tmp_path / "ev"))
+  assert set(res) == {"mc/acc", "mc/acc_norm", "mc/acc_bytes"}
+  assert json.load(open(tmp_path / "ev" / "eval.json")) == res

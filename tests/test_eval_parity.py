@@ -54,6 +54,7 @@ def test_multiple_choice_equals_lm_eval(checkpoint):
   metrics, per_doc = eval_tasks.run_mc(model, params, tok, eval_tasks.read_jsonl(task), ec, where=task)
   lls = np.concatenate([np.asarray(l) for l, _ in per_doc])
   greedy = np.concatenate([np.asarray(g) for _, g in per_doc])
+  print(f"max relative difference of the log-likelihoods: {np.max(np.abs(lls - ref['lls']) / np.abs(ref['lls'])):.2e}")
   np.testing.assert_allclose(lls, ref["lls"], rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(greedy, ref["greedy"])
   ours = [eval_tasks.mc_scores(l, d["choices"], d["gold"]) for (l, _), d in zip(per_doc, DOCS)]
