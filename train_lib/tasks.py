@@ -57,11 +57,10 @@ def _load_for_eval(config):
   cfg = configs_base()
   cfg.model.hf_path = config.hf_path
   cfg.data.tokenizer = config.hf_path
-  cfg.data.source = "jsonl"
   cfg.eval.num_examples = 0
   cfg.eval.num_loss_batches = 0
   model, params = build.build_model(cfg, None)
-  return cfg, model, params, data_lib.get_tokenizer(cfg.data), None
+  return cfg, model, params, data_lib.load_tokenizer(config.hf_path), None
 
 
 def configs_base():
