@@ -88,4 +88,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_loss_batches = 2             # held-out loss batches
   c.eval.num_examples = 200               # generations scored by the task's verifier (exact match)
   c.eval.max_new_tokens = 16
+  # Task files in the lm-evaluation-harness style, "KIND:PATH,..." (KIND mc | gen | ppl | pref | winrate,
+  # detected from the fields when left out); each reports NAME/metric (train_lib/eval_tasks.py, judges.py).
+  c.eval.tasks = ""
+  c.eval.num_task_examples = 0            # records per task file (0: all)
+  c.eval.mc_template = "Question: {question}\nAnswer:"   # context of mc records without query/prompt
+  c.eval.target_delimiter = " "           # put before each choice (lm-eval's default)
+  c.eval.gen_template = "Question: {question}\nAnswer:"  # prompt of gen records without prompt
+  c.eval.until = "Question:"              # generations are cut at the first of these ("|"-separated)
+  c.eval.answer_regex = ""                # a further extraction regex (first match, group 1): regex_match
+  c.eval.max_len = 2048                   # tokens of a scored sequence (left-truncated beyond)
+  c.eval.win_rate = False                 # win rate vs the reference on the held-out prompts of the data
+  c.eval.judge = "verifier"               # verifier | module:function | rm:DIR (workdir or HF checkpoint)
   return c

@@ -11,14 +11,15 @@ import copy
 import itertools
 import json
 import os
-import shutil
 from typing import Callable
 
+import data as data_lib
 import models
 import peft
 from train_lib import build
 from train_lib import diagnose as diagnose_lib
 from train_lib import evaluate as eval_lib
+from train_lib import export_files
 from train_lib import train as train_lib
 
 TASKS: dict[str, Callable] = {}
@@ -44,15 +45,48 @@ register_task("train")(train_lib.train_and_evaluate)
 register_task("diagnose")(diagnose_lib.diagnose)
 
 
+def _load_for_eval(config):
+  """(config, model, params, tokenizer, reference) of `config.train_workdir`, or of a Hugging Face
+  checkpoint `config.hf_path` (its own tokenizer; the eval options and data of `config`; no reference)."""
+  if config.get("train_workdir"):
+    cfg, model, params, tokenizer = build.load_trained(config.train_workdir, config.get("step") or None)
+    # The reference of preference pairs and win rates: the model the run started from.
+    return cfg, model, params, tokenizer, lambda: build.build_model(cfg, tokenizer)[1]
+  if not config.get("hf_path"):
+    raise ValueError("the eval task needs config.train_workdir (a run) or config.hf_path (an HF checkpoint)")
+  cfg = configs_base()
+  cfg.model.hf_path = config.hf_path
+  cfg.data.tokenizer = config.hf_path
+  cfg.eval.num_examples = 0
+  cfg.eval.num_loss_batches = 0
+  model, params = build.build_model(cfg, None)
+  return cfg, model, params, data_lib.load_tokenizer(config.hf_path), None
+
+
+def configs_base():
+  import ml_collections   # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict()
+  cfg.model = ml_collections.ConfigDict(dict(hf_path="", dtype="float32", param_dtype="float32"))
+  cfg.data = data_lib.default_config()
+  cfg.seq_len = 2048
+  cfg.loss = ml_collections.ConfigDict(dict(name="nll"))
+  cfg.eval = ml_collections.ConfigDict(dict(batch_size=16, max_new_tokens=256))
+  cfg.eval_split = "test"
+  return cfg
+
+
 @register_task("eval")
 def evaluate(config, workdir: str) -> dict:
-  """Held-out loss and exact match of the run in `config.train_workdir`; writes workdir/eval.json."""
-  cfg, model, params, tokenizer = build.load_trained(config.train_workdir, config.get("step") or None)
+  """Exact match on the run's held-out split and the task files of `config.eval.tasks` (multiple choice,
+  generation with answer extraction, perplexity, preference pairs, win rates; see train_lib/eval_tasks.py)
+  of the run in `config.train_workdir` or of the HF checkpoint `config.hf_path`; writes workdir/eval.json."""
+  cfg, model, params, tokenizer, reference = _load_for_eval(config)
   if config.get("eval"):
     cfg.eval.update(config.eval.to_dict())
   res = {}
-  if cfg.eval.get("num_examples", 0):
+  if cfg.eval.get("num_examples", 0) and config.get("train_workdir"):
     res["exact_match"] = eval_lib.exact_match(cfg, model, params, tokenizer)
+  res.update(eval_lib.run_tasks(cfg, model, params, tokenizer, None, reference))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(res, f, indent=2)
@@ -63,7 +97,8 @@ def evaluate(config, workdir: str) -> dict:
 @register_task("export")
 def export(config, workdir: str) -> str:
   """Writes the run in `config.train_workdir` as a Hugging Face checkpoint (adapters merged) to
-  workdir/hf, and, for adapter runs, the HF PEFT adapter to workdir/adapter."""
+  workdir/hf with its tokenizer files, chat template and generation_config.json (train_lib/export_files.py),
+  and, for adapter runs, the HF PEFT adapter to workdir/adapter."""
   cfg, model, params, tokenizer = build.load_trained(config.train_workdir, config.get("step") or None)
   dtype = config.get("dtype") or None
   out = os.path.join(workdir, "hf")
@@ -72,12 +107,9 @@ def export(config, workdir: str) -> str:
     tid = getattr(tokenizer, f"{name}_id", None)
     if tid is not None:
       extra[f"{name}_token_id"] = int(tid)
-  models.save_hf(out, model.config, params, model_type=config.get("model_type", "llama"), dtype=dtype, **extra)
-  tok_dir = cfg.data.get("tokenizer")
-  if tok_dir and os.path.isdir(tok_dir):
-    for name in os.listdir(tok_dir):
-      if name.startswith(("tokenizer", "special_tokens", "chat_template")) or name.endswith(".model"):
-        shutil.copy(os.path.join(tok_dir, name), out)
+  models.save_hf(out, model.config, params, model_type=config.get("model_type", "llama"), dtype=dtype,
+                 generation_config=export_files.generation_config(tokenizer), **extra)
+  export_files.write_tokenizer(cfg.data, tokenizer, out)
   if peft.has_adapters(params) and hasattr(peft, "export_adapter"):
     peft.export_adapter(os.path.join(workdir, "adapter"), params, cfg.peft,
                         model_type=config.get("model_type", "llama"))

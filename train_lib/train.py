@@ -189,8 +189,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def run_eval(step, tag):
     params_now = peft.combine(state.params, frozen)
+    # The reference of preference pairs and win rates: the frozen copy, else the base under the adapters.
+    reference = ((lambda: ref_params) if ref_params is not None else
+                 (lambda: peft.strip(params_now)) if peft.has_adapters(params_now) else None)
     res = eval_lib.evaluate(config, model, params_now, tokenizer,
-                            functools.partial(eval_fn, state.params, frozen, ref_params), mesh)
+                            functools.partial(eval_fn, state.params, frozen, ref_params), mesh, reference)
     writer.write(step, {f"eval/{k}": v for k, v in res.items()})
     summary[tag] = res
     logging.info("eval@%d %s: %s", step, tag, res)
