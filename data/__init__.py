@@ -37,13 +37,13 @@ rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry p
 builder, `_preference` preference records -> [B, K, T] batches, `_pref_synthetic` built-in preference tasks;
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
-from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source
+from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source, split_files
 from data._dataset import eval_examples, get_dataset, preference_generation_examples
 from data._formats import FORMATS, extract_prompt
 from data._packing import FIELDS, MODES, pack
 from data._pipeline import BatchIterator, SFTDataset
 from data._pref_synthetic import corrupt, generate_preference, wrong_digits
-from data._preference import (PREF_REASONS, PreferenceDataset, PreferenceExample, PreferenceRecord, num_sequences,
+from data._preference import (LIST_TO_PAIRS, PREF_REASONS, PreferenceDataset, PreferenceExample, PreferenceRecord, num_sequences,
                               PreferenceReport, encode_preference, get_preference_dataset, layout,
                               preference_batch, preference_eval_examples, record_preference)
 from data._sft import (REASONS, Example, SkipReport, adds_bos, build_examples, encode_prompt, encode_segments,

@@ -67,6 +67,13 @@ dataset's `report` (`report.summary()`).
 A list *entry* with an empty response or a null / NaN score is dropped from its list and counted in
 `report.dropped`; the list is invalid only when fewer than 2 entries remain.
 
+**Lists to pairs** (`list_to_pairs`, for a pairwise loss on listwise data; without it the trainer refuses
+that combination). Each valid list gives pairs (higher score, lower score) by one documented rule
+(`list_pairs`): `best_worst` the top- against the bottom-scored entry, `all_pairs` every pair of
+different scores, `adjacent` neighbours in score order. Tied pairs are left out and counted in
+`report.dropped["tied_pair"]`, pairs of identical token sequences in `identical_pair`, lists that give no
+pair in `list_without_pair`; the batches are then pairwise ([B, 2, T]).
+
 **Unpaired KL pairs** (`unpaired_kl=True`, the default). KTO estimates z0 = KL(pi || pi_ref) on
 mismatched pairs, so row b gets a second sequence: its own prompt with the completion of row b - 1 of the
 same global batch (row 0 takes the last row's), as TRL's KTO pairs them; the completion is cut from the
@@ -99,6 +106,7 @@ from data._sft import Example, SkipReport
 from data._sources import DataError
 
 KINDS = _config.PREF_KINDS
+LIST_TO_PAIRS = ("best_worst", "all_pairs", "adjacent")
 PREF_REASONS = _sft.REASONS + ("identical_responses", "bad_label", "length_mismatch", "bad_score",
                                "too_few_responses", "list_too_long", "bad_ref_logps")
 
@@ -147,7 +155,11 @@ class PreferenceReport(SkipReport):
     super().__init__()
     if report is not None:
       self.counts, self.first, self.total = report.counts, report.first, report.total
+      self.by_file, self.kept, self.where = report.by_file, report.kept, report.where
     self.dropped = collections.Counter(dropped or {})
+
+  def as_dict(self) -> dict:
+    return {**super().as_dict(), "list_entries_dropped": dict(sorted(self.dropped.items()))}
 
   def summary(self) -> str:
     s = super().summary()
@@ -358,6 +370,58 @@ def encode_preference(rec: PreferenceRecord, tokenizer, kind: str, *, seq_len: i
   return PreferenceExample(tuple(seqs), pick(rec.scores), rec.label, pick(rec.ref_logps)), dropped
 
 
+def list_pairs(scores: Sequence[float], rule: str) -> tuple[list[tuple[int, int]], int]:
+  """(chosen index, rejected index) pairs of a scored list under `rule` (`LIST_TO_PAIRS`), the higher
+  score first, and the number of tied pairs the rule met and left out.
+
+    best_worst  the highest- against the lowest-scored entry (the first of each in list order)
+    all_pairs   every pair of entries with different scores, in list order
+    adjacent    neighbours in descending score order (a stable sort: equal scores keep list order)
+  """
+  s = [float(x) for x in scores]
+  if rule == "best_worst":
+    hi, lo = int(np.argmax(s)), int(np.argmin(s))
+    return ([(hi, lo)], 0) if s[hi] > s[lo] else ([], 1)
+  if rule == "all_pairs":
+    pairs, ties = [], 0
+    for i in range(len(s)):
+      for j in range(i + 1, len(s)):
+        if s[i] == s[j]:
+          ties += 1
+        else:
+          pairs.append((i, j) if s[i] > s[j] else (j, i))
+    return pairs, ties
+  if rule == "adjacent":
+    order = sorted(range(len(s)), key=lambda i: -s[i])
+    pairs, ties = [], 0
+    for a, b in zip(order, order[1:]):
+      if s[a] == s[b]:
+        ties += 1
+      else:
+        pairs.append((a, b))
+    return pairs, ties
+  raise ValueError(f"list_to_pairs={rule!r}; valid: {', '.join(LIST_TO_PAIRS)}")
+
+
+def to_pairs(ex: PreferenceExample, rule: str, allow_identical: bool = False
+             ) -> tuple[list[PreferenceExample], collections.Counter]:
+  """The pairwise examples of a listwise one (`list_pairs`); tied pairs, pairs of identical token
+  sequences and lists left without a pair are counted in the returned Counter."""
+  pairs, ties = list_pairs(ex.scores, rule)
+  dropped, out = collections.Counter(), []
+  if ties:
+    dropped["tied_pair"] += ties
+  for i, j in pairs:
+    if not allow_identical and np.array_equal(ex.seqs[i].tokens, ex.seqs[j].tokens):
+      dropped["identical_pair"] += 1
+      continue
+    refs = None if ex.ref_logps is None else np.asarray(ex.ref_logps, np.float32)[[i, j]]
+    out.append(PreferenceExample((ex.seqs[i], ex.seqs[j]), None, None, refs))
+  if not out:
+    dropped["list_without_pair"] += 1
+  return out, dropped
+
+
 def _mismatched(own: Example, other: Example, seq_len: int) -> Example:
   """`own`'s bos + prompt followed by `other`'s response, cut from the right to `seq_len`."""
   start_own, start_other = int(np.argmax(own.weights > 0)), int(np.argmax(other.weights > 0))
@@ -477,6 +541,11 @@ def preference_config(config):
                      "prompt messages in prompt_field and each response as one assistant message")
   if cfg.pref_kind == "listwise" and cfg.list_size < 2:
     raise ValueError(f"list_size must be >= 2 for listwise data, got {cfg.list_size}")
+  if cfg.list_to_pairs is not None:
+    if cfg.list_to_pairs not in LIST_TO_PAIRS:
+      raise ValueError(f"list_to_pairs={cfg.list_to_pairs!r}; valid: None, {', '.join(LIST_TO_PAIRS)}")
+    if cfg.pref_kind != "listwise":
+      raise ValueError(f"list_to_pairs turns listwise records into pairs; pref_kind is {cfg.pref_kind!r}")
   if cfg.ref_logps_field:
     names = len(cfg.ref_logps_field.split(","))
     if cfg.pref_kind == "unpaired" and cfg.unpaired_kl:
@@ -529,8 +598,17 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
 
   indices = _config.indices(cfg, source, split)
   examples, report = _sft.build_examples(source, indices, encode, skip_invalid=cfg.skip_invalid)
+  kind = cfg.pref_kind
+  if kind == "listwise" and cfg.list_to_pairs:   # pairs from the scores, for a pairwise loss
+    pairs, kept = [], []
+    for ex, src in zip(examples, report.kept):
+      got, d = to_pairs(ex, cfg.list_to_pairs, cfg.allow_identical)
+      pairs += got
+      kept += [src] * len(got)
+      dropped.update(d)
+    examples, kind, report.kept = pairs, "pairwise", kept
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  return PreferenceDataset(examples, kind=cfg.pref_kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
+  return PreferenceDataset(examples, kind=kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
                            train=train, list_size=cfg.list_size, unpaired_kl=cfg.unpaired_kl, pad_id=pad_id,
                            process_index=process_index, process_count=process_count,
                            report=PreferenceReport(report, dropped))

@@ -268,11 +268,31 @@ class SkipReport:
   def __init__(self):
     self.counts: collections.Counter = collections.Counter()
     self.first: dict[str, str] = {}
+    self.by_file: collections.Counter = collections.Counter()   # (reason, file) -> records skipped
     self.total = 0   # records looked at
+    self.kept: list[int] = []   # the source index of every example, in order (to name a batch's records)
+    self.where = None           # source.where: index -> (file, 1-based line)
 
   def add(self, err: DataError) -> None:
     self.counts[err.reason] += 1
+    self.by_file[(err.reason, err.file or "<unknown>")] += 1
     self.first.setdefault(err.reason, str(err))
+
+  def locate(self, example: int) -> str:
+    """'file:line' of the record example `example` came from."""
+    if self.where is None or not 0 <= example < len(self.kept):
+      return f"example {example}"
+    file, line = self.where(self.kept[example])
+    return f"{file}:{line}"
+
+  def as_dict(self) -> dict:
+    """Counts for summary.json: records looked at, skipped per reason, per reason and file, and the first
+    place of each reason."""
+    files: dict = {}
+    for (reason, file), n in sorted(self.by_file.items()):
+      files.setdefault(reason, {})[file] = n
+    return {"records": self.total, "skipped": self.skipped, "by_reason": dict(sorted(self.counts.items())),
+            "by_file": files, "first": dict(self.first)}
 
   @property
   def skipped(self) -> int:
@@ -292,10 +312,12 @@ def build_examples(source, indices: Sequence[int], encode: Callable[[Any], Examp
                    skip_invalid: bool = False) -> tuple[list[Example], SkipReport]:
   """`encode(source[i])` for each index, raising (or counting, with `skip_invalid`) located errors."""
   report, examples = SkipReport(), []
+  report.where = getattr(source, "where", None)
   for i in indices:
     report.total += 1
     try:
       examples.append(encode(source[i]))
+      report.kept.append(int(i))
     except DataError as e:
       if e.file is None:
         e = e.at(*source.where(i))
