@@ -64,7 +64,8 @@ dataset's `report` (`report.summary()`).
   - too_few_responses: fewer than 2 valid list entries; list_too_long: more than `list_size`;
   - bad_ref_logps: precomputed reference log-probs that are not one finite number per sequence;
   - bad_json, bad_messages, unencodable, too_long, empty_after_truncation: as for SFT.
-A list *entry* with an empty response or a null / NaN score is dropped from its list and counted in
+A list *entry* with an empty (or whitespace-only) response, a null / NaN score, or a response equal to an
+earlier entry's (`duplicate_entry`, the first is kept) is dropped from its list and counted in
 `report.dropped`; the list is invalid only when fewer than 2 entries remain.
 
 **Lists to pairs** (`list_to_pairs`, for a pairwise loss on listwise data; without it the trainer refuses
@@ -282,8 +283,8 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     names = (fields.chosen, fields.rejected) if kind == "pairwise" else (fields.completion,)
     prompt_text, responses = texts([(k, _present(record, k)) for k in names])
     for name, r in zip(names, responses):
-      if not r:
-        raise DataError("empty_response", f"{name!r} is empty")
+      if not r.strip():
+        raise DataError("empty_response", f"{name!r} is empty" + (" (only whitespace)" if r else ""))
     if kind == "pairwise" and responses[0] == responses[1] and not allow_identical:
       raise DataError("identical_responses", f"{fields.chosen!r} and {fields.rejected!r} are the same text")
     if kind == "unpaired":
@@ -311,13 +312,16 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     label_values = [_score(x, f"{label_field}[{i}]", use_ranks) for i, x in enumerate(labels)]
     prompt_text, responses = texts([(f"{fields.responses}[{i}]", "" if v is None else v)
                                     for i, v in enumerate(values)])
-    keep = []
+    keep, seen = [], set()
     for i, (r, s) in enumerate(zip(responses, label_values)):
-      if not r:
+      if not r.strip():
         dropped["empty_response"] += 1
       elif s is None:
         dropped["missing_score"] += 1
+      elif r in seen:           # the same response twice: the first is kept
+        dropped["duplicate_entry"] += 1
       else:
+        seen.add(r)
         keep.append(i)
     if len(keep) < 2:
       raise DataError("too_few_responses", f"{len(keep)} valid responses of {len(values)} (a list needs 2; "

@@ -49,7 +49,7 @@ import numpy as np
 
 from data._sources import DataError
 
-REASONS = ("bad_json", "wrong_type", "missing_field", "bad_messages", "empty_response", "unencodable",
+REASONS = ("bad_json", "bad_encoding", "empty_file", "wrong_type", "missing_field", "bad_messages", "empty_response", "unencodable",
            "too_long", "empty_after_truncation")
 
 
@@ -228,6 +228,8 @@ def encode_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, seq_len:
   """Text pieces, each learned or not, in order; the last piece is the response (learned)."""
   if not segments or not segments[-1][0]:
     raise DataError("empty_response", "the response is empty")
+  if not segments[-1][0].strip():
+    raise DataError("empty_response", "the response is only whitespace")
   text = "".join(t for t, _ in segments)
   prefixes, pos = [], 0
   for t, _ in segments[:-1]:
@@ -253,6 +255,8 @@ def encode_sft(prompt: str, response: str, tokenizer, *, seq_len: int,
   response is a rendered chat turn (its end is what the template renders)."""
   if not response:
     raise DataError("empty_response", "the response is empty")
+  if not response.strip():
+    raise DataError("empty_response", "the response is only whitespace")
   (full,), start = split_tokens(tokenizer, prompt, [response])
   return assemble(full, start, tokenizer, seq_len=seq_len, chat=chat, max_prompt_len=max_prompt_len,
                   max_response_len=max_response_len, truncate=truncate)
@@ -313,6 +317,9 @@ def build_examples(source, indices: Sequence[int], encode: Callable[[Any], Examp
   """`encode(source[i])` for each index, raising (or counting, with `skip_invalid`) located errors."""
   report, examples = SkipReport(), []
   report.where = getattr(source, "where", None)
+  if len(source) == 0:
+    name = getattr(source, "path", None) or getattr(source, "name", None) or getattr(source, "paths", None)
+    raise DataError("empty_file", "it holds no records", file=str(name))
   for i in indices:
     report.total += 1
     try:

@@ -310,3 +310,86 @@ def test_main_config_typo_is_one_line_with_the_valid_names(tmp_path):
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "ConfigError: config.keep_checkpoints must be > 0" in r.stderr
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))
+
+
+# ---- Part 7: data errors ----------------------------------------------------------------------------------
+def _jsonl_cfg(path, **kw):
+  cfg = data.default_config()
+  cfg.source, cfg.path, cfg.tokenizer = "jsonl", str(path), "char"
+  for k, v in kw.items():
+    cfg[k] = v
+  return cfg
+
+
+def test_non_utf8_bytes_name_file_and_line_and_a_bom_is_accepted(tmp_path):
+  path = tmp_path / "train.jsonl"
+  path.write_bytes(b'\xef\xbb\xbf{"prompt": "12", "response": "21"}\n{"prompt": "3\xff", "response": "3"}\n')
+  tok = data.CharTokenizer()
+  with pytest.raises(data.DataError, match=rf"{path}, line 2: bad_encoding: not UTF-8: byte b'\\xff' at column 14"):
+    data.get_dataset(_jsonl_cfg(path), "train", tokenizer=tok, batch_size=1, seq_len=16)
+  ds = data.get_dataset(_jsonl_cfg(path, skip_invalid=True), "train", tokenizer=tok, batch_size=1, seq_len=16)
+  assert len(ds.examples) == 1 and ds.report.counts == {"bad_encoding": 1}   # the BOM line is read
+
+
+def test_empty_file_is_named(tmp_path):
+  path = tmp_path / "train.jsonl"
+  path.write_text("\n\n")
+  with pytest.raises(data.DataError, match=rf"{path}: empty_file: it holds no records"):
+    data.get_dataset(_jsonl_cfg(path), "train", tokenizer=data.CharTokenizer(), batch_size=1, seq_len=16)
+
+
+def test_whitespace_only_responses_and_duplicate_list_entries(tmp_path):
+  path = tmp_path / "train.jsonl"
+  path.write_text('{"prompt": "12", "response": "  \\n"}\n')
+  with pytest.raises(data.DataError, match="line 1: empty_response: the response is only whitespace"):
+    data.get_dataset(_jsonl_cfg(path), "train", tokenizer=data.CharTokenizer(), batch_size=1, seq_len=16)
+  from data import _preference
+  rec, dropped = _preference.record_preference(
+      {"prompt": "p", "responses": ["a", " ", "a", "b"], "scores": [1, 2, 0, 3]}, "listwise")
+  assert rec.responses == ("a", "b") and rec.scores == (1.0, 3.0)
+  assert dropped == {"empty_response": 1, "duplicate_entry": 1}
+  with pytest.raises(data.DataError, match="'rejected' is empty \\(only whitespace\\)"):
+    _preference.record_preference({"prompt": "p", "chosen": "a", "rejected": "\t"}, "pairwise")
+
+
+# ---- Part 4 end to end: a truncated latest checkpoint ---------------------------------------------------
+def _truncate_checkpoint(wd, step):
+  root = os.path.join(wd, "checkpoints", str(step), "state")
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      size = os.path.getsize(path)
+      if size > 64:
+        with open(path, "r+b") as f:
+          f.truncate(size // 2)
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+  import jax
+  import peft
+  import train_lib
+  wd = str(tmp_path / "run")
+  config = sft.get_config("model=tiny,smoke")
+  config.eval_before, config.eval.num_examples, config.async_checkpoints = False, 0, False
+  first = train_lib.train_and_evaluate(config, wd)
+  losses_first = [r["loss"] for r in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl")) if "loss" in r]
+  _truncate_checkpoint(wd, 8)
+  capsys.readouterr()
+  second = train_lib.train_and_evaluate(config, wd)
+  out = capsys.readouterr().out
+  assert "checkpoint step 8 at " in out and "resuming from the intact step 4" in out
+  assert "resumed from step 4" in out
+  assert second["resumed_from"] == 4
+  assert [n.split("-")[0] for n in os.listdir(os.path.join(wd, "corrupt_checkpoints"))] == ["8"]
+  losses_second = [r["loss"] for r in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl")) if "loss" in r]
+  assert losses_second == losses_first       # the records after step 4 were cut back and written again
+  for a, b in zip(jax.tree.leaves(peft.flatten(first["state"].params)),
+                  jax.tree.leaves(peft.flatten(second["state"].params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not os.path.exists(os.path.join(wd, "lock"))
+  for step in (4, 8):
+    _truncate_checkpoint(wd, step)
+  with pytest.raises(ckpt_lib.WorkdirError, match=r"no intact checkpoint in .*checkpoints: step 8 at .*; step 4 at"):
+    train_lib.train_and_evaluate(config, wd)
+  assert not os.path.exists(os.path.join(wd, "lock"))
