@@ -310,6 +310,9 @@ def test_main_config_typo_is_one_line_with_the_valid_names(tmp_path):
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "ConfigError: config.keep_checkpoints must be > 0" in r.stderr
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))
+  r = _main("--config=configs/sft.py:model=tiny,smoke", f"--workdir={tmp_path}", "--config.total_steps=abc")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "--config.total_steps=abc: invalid literal for int()" in r.stderr
 
 
 # ---- Part 7: data errors ----------------------------------------------------------------------------------
