@@ -118,7 +118,7 @@ def parse_flags(argv):
   except Exception as e:   # pylint: disable=broad-except
     if verbose:
       raise
-    detail = describe_override_error(argv) if isinstance(e, (AttributeError, KeyError)) else None
+    detail = describe_override_error(argv)    # an override naming no field: which part, and the valid names
     print(f"config error: {detail or _short(e)}", file=sys.stderr)
     print("(python main.py --list shows the configs and presets; --verbosity=1 the traceback)", file=sys.stderr)
     sys.exit(EXIT_CONFIG)
