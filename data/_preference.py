@@ -157,6 +157,7 @@ class PreferenceReport(SkipReport):
     if report is not None:
       self.counts, self.first, self.total = report.counts, report.first, report.total
       self.by_file, self.kept, self.where = report.by_file, report.kept, report.where
+      self.truncated = report.truncated
     self.dropped = collections.Counter(dropped or {})
 
   def as_dict(self) -> dict:

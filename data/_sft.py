@@ -194,11 +194,13 @@ def assemble(ids: Sequence[int], start: int, tokenizer, *, seq_len: int, chat: b
     raise DataError("empty_response", "the response encodes to no tokens")
   if max_prompt_len is not None and len(p) > max_prompt_len:
     p, pw = p[len(p) - max_prompt_len:], pw[len(pw) - max_prompt_len:]
+    TRUNCATED["prompt"] += 1
   content = len(r)
   if tokenizer.eos_id is not None and not _ends_turn(r, tokenizer, chat):
     r = r + [tokenizer.eos_id]
   if max_response_len is not None and content > max_response_len:
     r = r[:max_response_len]
+    TRUNCATED["response"] += 1
   room = seq_len - len(lead) - len(p)
   if len(r) > room:
     if not truncate:
@@ -208,6 +210,7 @@ def assemble(ids: Sequence[int], start: int, tokenizer, *, seq_len: int, chat: b
       raise DataError("empty_after_truncation", f"the prompt ({len(p)} tokens) leaves no room for the "
                       f"response in seq_len {seq_len}; set max_prompt_len")
     r = r[:room]
+    TRUNCATED["response"] += 1
   tokens = np.asarray(lead + p + r, np.int32)
   weights = np.asarray([0.0] * len(lead) + list(pw) + [1.0] * len(r), np.float32)
   return Example(tokens, weights)
@@ -266,6 +269,10 @@ def encode_sft(prompt: str, response: str, tokenizer, *, seq_len: int,
 # Source -> examples, with validation.
 # ------------------------------------------------------------------------------------------------
 
+# Sequences cut by the truncation rules (kept, not skipped), per part; `build_examples` reports its share.
+TRUNCATED: collections.Counter = collections.Counter()
+
+
 class SkipReport:
   """Records left out with `skip_invalid=True`: a count per reason and the first place of each."""
 
@@ -276,6 +283,7 @@ class SkipReport:
     self.total = 0   # records looked at
     self.kept: list[int] = []   # the source index of every example, in order (to name a batch's records)
     self.where = None           # source.where: index -> (file, 1-based line)
+    self.truncated: collections.Counter = collections.Counter()   # kept sequences cut: prompt / response
 
   def add(self, err: DataError) -> None:
     self.counts[err.reason] += 1
@@ -296,7 +304,7 @@ class SkipReport:
     for (reason, file), n in sorted(self.by_file.items()):
       files.setdefault(reason, {})[file] = n
     return {"records": self.total, "skipped": self.skipped, "by_reason": dict(sorted(self.counts.items())),
-            "by_file": files, "first": dict(self.first)}
+            "by_file": files, "first": dict(self.first), "truncated": dict(sorted(self.truncated.items()))}
 
   @property
   def skipped(self) -> int:
@@ -304,9 +312,14 @@ class SkipReport:
 
   def summary(self) -> str:
     if not self.counts:
-      return f"0 of {self.total} records skipped"
+      return f"0 of {self.total} records skipped" + self._truncated()
     parts = [f"{r}={n} (first: {self.first[r]})" for r, n in sorted(self.counts.items())]
-    return f"{self.skipped} of {self.total} records skipped: " + "; ".join(parts)
+    return f"{self.skipped} of {self.total} records skipped: " + "; ".join(parts) + self._truncated()
+
+  def _truncated(self) -> str:
+    if not self.truncated:
+      return ""
+    return "; sequences truncated (kept): " + ", ".join(f"{k}={n}" for k, n in sorted(self.truncated.items()))
 
   def __repr__(self):
     return f"SkipReport({dict(self.counts)}, total={self.total})"
@@ -320,15 +333,20 @@ def build_examples(source, indices: Sequence[int], encode: Callable[[Any], Examp
   if len(source) == 0:
     name = getattr(source, "path", None) or getattr(source, "name", None) or getattr(source, "paths", None)
     raise DataError("empty_file", "it holds no records", file=str(name))
+  cut0 = collections.Counter(TRUNCATED)
   for i in indices:
     report.total += 1
     try:
+      before = collections.Counter(TRUNCATED)
       examples.append(encode(source[i]))
       report.kept.append(int(i))
     except DataError as e:
+      TRUNCATED.clear()
+      TRUNCATED.update(before)      # a skipped record's cuts do not count
       if e.file is None:
         e = e.at(*source.where(i))
       if not skip_invalid:
         raise e from None
       report.add(e)
+  report.truncated = TRUNCATED - cut0
   return examples, report

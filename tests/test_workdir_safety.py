@@ -225,12 +225,14 @@ def test_metrics_jsonl_tolerates_a_torn_last_line_and_is_cut_back_on_resume(tmp_
 def test_skipped_records_are_counted_by_reason_and_file(tmp_path):
   path = tmp_path / "train.jsonl"
   path.write_text('{"prompt": "12", "response": "21"}\n{"prompt": "3"}\nnot json\n'
-                  '{"prompt": "45", "response": "54"}\n')
+                  '{"prompt": "45", "response": "54"}\n{"prompt": "1", "response": "1234567890123456789"}\n')
   cfg = data.default_config()
   cfg.source, cfg.path, cfg.tokenizer, cfg.skip_invalid = "jsonl", str(path), "char", True
   ds = data.get_dataset(cfg, "train", tokenizer=data.CharTokenizer(), batch_size=2, seq_len=16)
   d = ds.report.as_dict()
-  assert d["records"] == 4 and d["skipped"] == 2
+  assert d["records"] == 5 and d["skipped"] == 2
+  assert d["truncated"] == {"response": 1}          # kept, but cut to seq_len: reported too
+  assert "sequences truncated (kept): response=1" in ds.report.summary()
   assert d["by_reason"] == {"bad_json": 1, "missing_field": 1}
   assert d["by_file"] == {"bad_json": {str(path): 1}, "missing_field": {str(path): 1}}
   assert ds.report.locate(1) == f"{path}:4"

@@ -149,7 +149,8 @@ def report_skips(reports: dict, writer, step: int) -> dict:
     scalars.update({f"data/{split}/skipped/{r}": n for r, n in d.get("by_reason", {}).items()})
     scalars.update({f"data/{split}/dropped/{r}": n for r, n in d.get("list_entries_dropped", {}).items()})
     writer.write(step, scalars)
-    if d.get("skipped") or d.get("list_entries_dropped"):
+    scalars.update({f"data/{split}/truncated/{r}": n for r, n in d.get("truncated", {}).items()})
+    if d.get("skipped") or d.get("list_entries_dropped") or d.get("truncated"):
       print(f"data ({split}): {report.summary()}", flush=True)
       for reason, files in d.get("by_file", {}).items():
         for file, n in files.items():
