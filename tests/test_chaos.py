@@ -44,19 +44,35 @@ def tensorboard_scalars(logdir: str) -> dict:
   return out
 
 
+def _committed(ckpts):
+  if not os.path.isdir(ckpts):
+    return set()
+  names = os.listdir(ckpts)
+  return {n for n in names if n.isdigit() and not any(m.startswith(f"{n}.") for m in names)}
+
+
 def _wait_and_kill(proc, wd, moment, rng, deadline):
+  """Kills `proc` during an asynchronous save (a temporary checkpoint directory exists), or once it has
+  committed a new checkpoint and then either written metrics again or run on for a random time."""
   ckpts = os.path.join(wd, "checkpoints")
   metrics = os.path.join(wd, "metrics.jsonl")
-  size0 = os.path.getsize(metrics) if os.path.exists(metrics) else 0
-  t_random = time.time() + rng.uniform(2.0, 12.0)
+  have = _committed(ckpts)
+  size = t_kill = None
   while time.time() < deadline and proc.poll() is None:
-    if moment == "async_save" and os.path.isdir(ckpts) and any("tmp" in n for n in os.listdir(ckpts)):
-      break
-    if moment == "metrics" and os.path.exists(metrics) and os.path.getsize(metrics) > size0:
-      break
-    if moment == "random" and time.time() > t_random:
-      break
-    time.sleep(0.005)
+    if moment == "async_save":
+      if os.path.isdir(ckpts) and any("tmp" in n for n in os.listdir(ckpts)):
+        break
+    elif _committed(ckpts) - have:
+      if moment == "metrics":
+        cur = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+        size = cur if size is None else size
+        if cur > size:
+          break
+      else:
+        t_kill = time.time() + rng.uniform(0.0, 1.5) if t_kill is None else t_kill
+        if time.time() > t_kill:
+          break
+    time.sleep(0.002)
   if proc.poll() is None:
     proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -73,8 +89,9 @@ def test_killed_many_times_then_truncated_ends_equal_to_the_uninterrupted_run(tm
                             cwd=train_runner.ROOT, env=train_runner.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _wait_and_kill(proc, wd, moment, rng, time.time() + 300)
-  steps = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
-  if steps and steps[-1] < COMMON["total_steps"]:
+  steps = sorted(int(n) for n in _committed(os.path.join(wd, "checkpoints")))
+  assert steps, "no checkpoint was committed before the kills"
+  if len(steps) > 1 and steps[-1] < COMMON["total_steps"]:
     state = os.path.join(wd, "checkpoints", str(steps[-1]), "state")
     for dirpath, _, files in os.walk(state):      # a truncated latest checkpoint on top
       for name in files:

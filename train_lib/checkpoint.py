@@ -123,8 +123,7 @@ class WorkdirLock:
             continue
           who = (f"process {pid} on host {h.get('host')} (since {h.get('started')})" if h
                  else "an unreadable lock file")
-          hint = ("" if same_host and h else
-                  f"; if no run is using this workdir any more, delete {self.path}")
+          hint = f"; if no run is using this workdir any more, delete {self.path}"
           raise WorkdirError(f"the workdir is in use: {self.path} is held by {who}{hint}")
       raise WorkdirError(f"could not take the workdir lock {self.path}")
     finally:
@@ -304,8 +303,10 @@ class Checkpointer:
       return step, state, data_state, frozen
     if failures:
       named = "; ".join(f"step {s} at {p} ({w})" for s, p, w in failures)
-      raise WorkdirError(f"no intact checkpoint in {self.directory}: {named}. Move the directory away to "
-                         f"start again, or use --config.resume_policy=restart")
+      raise WorkdirError(f"no intact checkpoint in {self.directory}: {named}. If they were written with "
+                         f"another model or optimizer (see {os.path.join(self.workdir, 'configs')}), rerun with "
+                         f"that config; else move the directory away, or use --config.resume_policy=restart "
+                         f"with a changed config")
     return None
 
   def _quarantine(self, steps):
