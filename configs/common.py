@@ -65,6 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
   c.async_checkpoints = True
+  # A rerun of a workdir whose checkpoints were written with another config: strict = resume only when the
+  # changed fields are safe on resume (train_lib/checkpoint.py SAFE_ON_RESUME: steps, intervals, eval,
+  # mesh), else stop naming each change; allow = resume anyway; restart = move the earlier run to
+  # workdir/previous/NNNN and start from step 0.
+  c.resume_policy = "strict"
+  c.stuck_loss_window = 200               # warn when the loss has not moved over this many steps (0 = off)
 
   # name, learning rate and schedule, clipping, accumulation, rules; then one section per registered
   # optimizer with its options and their defaults (`--config.optim.galore.rank=64`), see optim/_factory.py.

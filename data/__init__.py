@@ -35,17 +35,19 @@ Built-in tasks (digit strings with exact answers) are the `synthetic` package.
 
 Modules: `_sources` record sources, `_formats` dataset formats ->
 canonical records, `_turns` which text carries the loss, `_sft` text -> tokens and validation, `_packing`
-rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points, `_preference` preference records -> [B, K, T] batches, 
+rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points,
+`_preference` preference records -> [B, K, T] batches;
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
-from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source
+from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source, split_files
 from data._dataset import eval_examples, get_dataset, preference_generation_examples
 from data._formats import FORMATS, extract_prompt
 from data._packing import FIELDS, MODES, pack
 from data._pipeline import BatchIterator, SFTDataset
 from synthetic import (TASKS, CharTokenizer, Task, corrupt, generate, generate_preference, get_task, is_held_out,
                        wrong_digits)
-from data._preference import (PREF_REASONS, PreferenceDataset, PreferenceExample, PreferenceRecord, num_sequences,
+from data._preference import (LIST_TO_PAIRS, PREF_REASONS, PreferenceDataset, PreferenceExample, PreferenceRecord,
+                              num_sequences,
                               PreferenceReport, encode_preference, get_preference_dataset, layout,
                               preference_batch, preference_eval_examples, record_preference)
 from data._sft import (REASONS, Example, SkipReport, adds_bos, build_examples, encode_prompt, encode_segments,

@@ -76,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.ref_logps_field = _ph(str)  # precomputed reference log-probs: a
                                      # field with one number per sequence, or "a,b" one field per sequence
   c.list_size = 4                    # listwise K: shorter lists are padded (list_mask), longer are invalid
+  # listwise records for a pairwise loss: None (refused) | best_worst (the top- against the bottom-scored
+  # entry) | all_pairs (every pair of different scores) | adjacent (neighbours in score order). Each pair
+  # is (higher score, lower score); tied pairs are left out and counted (report.dropped["tied_pair"]).
+  c.list_to_pairs = _ph(str)
   c.allow_identical = False          # pairwise: keep records whose chosen == rejected (else invalid)
   c.unpaired_kl = True               # unpaired: K = 2, index 1 = the prompt with the previous example's
                                      # completion (KTO's KL estimate); False: K = 1
@@ -126,6 +130,15 @@ def get_tokenizer(config):
     raise ValueError(f"source={cfg.source!r} needs config.tokenizer (a tokenizer directory, or 'char')")
   from data._tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
   return load_tokenizer(cfg.tokenizer)
+
+
+def split_files(config, split: str) -> list[str]:
+  """The files a file source reads for `split` ([] for sources that are not files); raises ValueError or
+  FileNotFoundError naming the path, before anything is read."""
+  cfg = resolve(config)
+  if cfg.source in ("jsonl", "parquet", "array_record") or (cfg.source == "hf" and cfg.path):
+    return _sources.expand(file_path(cfg, split))
+  return []
 
 
 def file_path(cfg, split: str) -> str:

@@ -64,8 +64,16 @@ dataset's `report` (`report.summary()`).
   - too_few_responses: fewer than 2 valid list entries; list_too_long: more than `list_size`;
   - bad_ref_logps: precomputed reference log-probs that are not one finite number per sequence;
   - bad_json, bad_messages, unencodable, too_long, empty_after_truncation: as for SFT.
-A list *entry* with an empty response or a null / NaN score is dropped from its list and counted in
+A list *entry* with an empty (or whitespace-only) response, a null / NaN score, or a response equal to an
+earlier entry's (`duplicate_entry`, the first is kept) is dropped from its list and counted in
 `report.dropped`; the list is invalid only when fewer than 2 entries remain.
+
+**Lists to pairs** (`list_to_pairs`, for a pairwise loss on listwise data; without it the trainer refuses
+that combination). Each valid list gives pairs (higher score, lower score) by one documented rule
+(`list_pairs`): `best_worst` the top- against the bottom-scored entry, `all_pairs` every pair of
+different scores, `adjacent` neighbours in score order. Tied pairs are left out and counted in
+`report.dropped["tied_pair"]`, pairs of identical token sequences in `identical_pair`, lists that give no
+pair in `list_without_pair`; the batches are then pairwise ([B, 2, T]).
 
 **Unpaired KL pairs** (`unpaired_kl=True`, the default). KTO estimates z0 = KL(pi || pi_ref) on
 mismatched pairs, so row b gets a second sequence: its own prompt with the completion of row b - 1 of the
@@ -99,6 +107,7 @@ from data._sft import Example, SkipReport
 from data._sources import DataError
 
 KINDS = _config.PREF_KINDS
+LIST_TO_PAIRS = ("best_worst", "all_pairs", "adjacent")
 PREF_REASONS = _sft.REASONS + ("identical_responses", "bad_label", "length_mismatch", "bad_score",
                                "too_few_responses", "list_too_long", "bad_ref_logps")
 
@@ -147,7 +156,12 @@ class PreferenceReport(SkipReport):
     super().__init__()
     if report is not None:
       self.counts, self.first, self.total = report.counts, report.first, report.total
+      self.by_file, self.kept, self.where = report.by_file, report.kept, report.where
+      self.truncated = report.truncated
     self.dropped = collections.Counter(dropped or {})
+
+  def as_dict(self) -> dict:
+    return {**super().as_dict(), "list_entries_dropped": dict(sorted(self.dropped.items()))}
 
   def summary(self) -> str:
     s = super().summary()
@@ -270,8 +284,8 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     names = (fields.chosen, fields.rejected) if kind == "pairwise" else (fields.completion,)
     prompt_text, responses = texts([(k, _present(record, k)) for k in names])
     for name, r in zip(names, responses):
-      if not r:
-        raise DataError("empty_response", f"{name!r} is empty")
+      if not r.strip():
+        raise DataError("empty_response", f"{name!r} is empty" + (" (only whitespace)" if r else ""))
     if kind == "pairwise" and responses[0] == responses[1] and not allow_identical:
       raise DataError("identical_responses", f"{fields.chosen!r} and {fields.rejected!r} are the same text")
     if kind == "unpaired":
@@ -299,13 +313,16 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
     label_values = [_score(x, f"{label_field}[{i}]", use_ranks) for i, x in enumerate(labels)]
     prompt_text, responses = texts([(f"{fields.responses}[{i}]", "" if v is None else v)
                                     for i, v in enumerate(values)])
-    keep = []
+    keep, seen = [], set()
     for i, (r, s) in enumerate(zip(responses, label_values)):
-      if not r:
+      if not r.strip():
         dropped["empty_response"] += 1
       elif s is None:
         dropped["missing_score"] += 1
+      elif r in seen:           # the same response twice: the first is kept
+        dropped["duplicate_entry"] += 1
       else:
+        seen.add(r)
         keep.append(i)
     if len(keep) < 2:
       raise DataError("too_few_responses", f"{len(keep)} valid responses of {len(values)} (a list needs 2; "
@@ -356,6 +373,58 @@ def encode_preference(rec: PreferenceRecord, tokenizer, kind: str, *, seq_len: i
                     f"after truncation to seq_len {seq_len}")
   pick = lambda v: None if v is None else np.asarray(v, np.float32)[keep]
   return PreferenceExample(tuple(seqs), pick(rec.scores), rec.label, pick(rec.ref_logps)), dropped
+
+
+def list_pairs(scores: Sequence[float], rule: str) -> tuple[list[tuple[int, int]], int]:
+  """(chosen index, rejected index) pairs of a scored list under `rule` (`LIST_TO_PAIRS`), the higher
+  score first, and the number of tied pairs the rule met and left out.
+
+    best_worst  the highest- against the lowest-scored entry (the first of each in list order)
+    all_pairs   every pair of entries with different scores, in list order
+    adjacent    neighbours in descending score order (a stable sort: equal scores keep list order)
+  """
+  s = [float(x) for x in scores]
+  if rule == "best_worst":
+    hi, lo = int(np.argmax(s)), int(np.argmin(s))
+    return ([(hi, lo)], 0) if s[hi] > s[lo] else ([], 1)
+  if rule == "all_pairs":
+    pairs, ties = [], 0
+    for i in range(len(s)):
+      for j in range(i + 1, len(s)):
+        if s[i] == s[j]:
+          ties += 1
+        else:
+          pairs.append((i, j) if s[i] > s[j] else (j, i))
+    return pairs, ties
+  if rule == "adjacent":
+    order = sorted(range(len(s)), key=lambda i: -s[i])
+    pairs, ties = [], 0
+    for a, b in zip(order, order[1:]):
+      if s[a] == s[b]:
+        ties += 1
+      else:
+        pairs.append((a, b))
+    return pairs, ties
+  raise ValueError(f"list_to_pairs={rule!r}; valid: {', '.join(LIST_TO_PAIRS)}")
+
+
+def to_pairs(ex: PreferenceExample, rule: str, allow_identical: bool = False
+             ) -> tuple[list[PreferenceExample], collections.Counter]:
+  """The pairwise examples of a listwise one (`list_pairs`); tied pairs, pairs of identical token
+  sequences and lists left without a pair are counted in the returned Counter."""
+  pairs, ties = list_pairs(ex.scores, rule)
+  dropped, out = collections.Counter(), []
+  if ties:
+    dropped["tied_pair"] += ties
+  for i, j in pairs:
+    if not allow_identical and np.array_equal(ex.seqs[i].tokens, ex.seqs[j].tokens):
+      dropped["identical_pair"] += 1
+      continue
+    refs = None if ex.ref_logps is None else np.asarray(ex.ref_logps, np.float32)[[i, j]]
+    out.append(PreferenceExample((ex.seqs[i], ex.seqs[j]), None, None, refs))
+  if not out:
+    dropped["list_without_pair"] += 1
+  return out, dropped
 
 
 def _mismatched(own: Example, other: Example, seq_len: int) -> Example:
@@ -477,6 +546,11 @@ def preference_config(config):
                      "prompt messages in prompt_field and each response as one assistant message")
   if cfg.pref_kind == "listwise" and cfg.list_size < 2:
     raise ValueError(f"list_size must be >= 2 for listwise data, got {cfg.list_size}")
+  if cfg.list_to_pairs is not None:
+    if cfg.list_to_pairs not in LIST_TO_PAIRS:
+      raise ValueError(f"list_to_pairs={cfg.list_to_pairs!r}; valid: None, {', '.join(LIST_TO_PAIRS)}")
+    if cfg.pref_kind != "listwise":
+      raise ValueError(f"list_to_pairs turns listwise records into pairs; pref_kind is {cfg.pref_kind!r}")
   if cfg.ref_logps_field:
     names = len(cfg.ref_logps_field.split(","))
     if cfg.pref_kind == "unpaired" and cfg.unpaired_kl:
@@ -529,8 +603,17 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
 
   indices = _config.indices(cfg, source, split)
   examples, report = _sft.build_examples(source, indices, encode, skip_invalid=cfg.skip_invalid)
+  kind = cfg.pref_kind
+  if kind == "listwise" and cfg.list_to_pairs:   # pairs from the scores, for a pairwise loss
+    pairs, kept = [], []
+    for ex, src in zip(examples, report.kept):
+      got, d = to_pairs(ex, cfg.list_to_pairs, cfg.allow_identical)
+      pairs += got
+      kept += [src] * len(got)
+      dropped.update(d)
+    examples, kind, report.kept = pairs, "pairwise", kept
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  return PreferenceDataset(examples, kind=cfg.pref_kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
+  return PreferenceDataset(examples, kind=kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
                            train=train, list_size=cfg.list_size, unpaired_kl=cfg.unpaired_kl, pad_id=pad_id,
                            process_index=process_index, process_count=process_count,
                            report=PreferenceReport(report, dropped))

@@ -49,7 +49,7 @@ import numpy as np
 
 from data._sources import DataError
 
-REASONS = ("bad_json", "wrong_type", "missing_field", "bad_messages", "empty_response", "unencodable",
+REASONS = ("bad_json", "bad_encoding", "empty_file", "wrong_type", "missing_field", "bad_messages", "empty_response", "unencodable",
            "too_long", "empty_after_truncation")
 
 
@@ -194,11 +194,13 @@ def assemble(ids: Sequence[int], start: int, tokenizer, *, seq_len: int, chat: b
     raise DataError("empty_response", "the response encodes to no tokens")
   if max_prompt_len is not None and len(p) > max_prompt_len:
     p, pw = p[len(p) - max_prompt_len:], pw[len(pw) - max_prompt_len:]
+    TRUNCATED["prompt"] += 1
   content = len(r)
   if tokenizer.eos_id is not None and not _ends_turn(r, tokenizer, chat):
     r = r + [tokenizer.eos_id]
   if max_response_len is not None and content > max_response_len:
     r = r[:max_response_len]
+    TRUNCATED["response"] += 1
   room = seq_len - len(lead) - len(p)
   if len(r) > room:
     if not truncate:
@@ -208,6 +210,7 @@ def assemble(ids: Sequence[int], start: int, tokenizer, *, seq_len: int, chat: b
       raise DataError("empty_after_truncation", f"the prompt ({len(p)} tokens) leaves no room for the "
                       f"response in seq_len {seq_len}; set max_prompt_len")
     r = r[:room]
+    TRUNCATED["response"] += 1
   tokens = np.asarray(lead + p + r, np.int32)
   weights = np.asarray([0.0] * len(lead) + list(pw) + [1.0] * len(r), np.float32)
   return Example(tokens, weights)
@@ -228,6 +231,8 @@ def encode_segments(segments: Sequence[tuple[str, bool]], tokenizer, *, seq_len:
   """Text pieces, each learned or not, in order; the last piece is the response (learned)."""
   if not segments or not segments[-1][0]:
     raise DataError("empty_response", "the response is empty")
+  if not segments[-1][0].strip():
+    raise DataError("empty_response", "the response is only whitespace")
   text = "".join(t for t, _ in segments)
   prefixes, pos = [], 0
   for t, _ in segments[:-1]:
@@ -253,6 +258,8 @@ def encode_sft(prompt: str, response: str, tokenizer, *, seq_len: int,
   response is a rendered chat turn (its end is what the template renders)."""
   if not response:
     raise DataError("empty_response", "the response is empty")
+  if not response.strip():
+    raise DataError("empty_response", "the response is only whitespace")
   (full,), start = split_tokens(tokenizer, prompt, [response])
   return assemble(full, start, tokenizer, seq_len=seq_len, chat=chat, max_prompt_len=max_prompt_len,
                   max_response_len=max_response_len, truncate=truncate)
@@ -262,17 +269,42 @@ def encode_sft(prompt: str, response: str, tokenizer, *, seq_len: int,
 # Source -> examples, with validation.
 # ------------------------------------------------------------------------------------------------
 
+# Sequences cut by the truncation rules (kept, not skipped), per part; `build_examples` reports its share.
+TRUNCATED: collections.Counter = collections.Counter()
+
+
 class SkipReport:
   """Records left out with `skip_invalid=True`: a count per reason and the first place of each."""
 
   def __init__(self):
     self.counts: collections.Counter = collections.Counter()
     self.first: dict[str, str] = {}
+    self.by_file: collections.Counter = collections.Counter()   # (reason, file) -> records skipped
     self.total = 0   # records looked at
+    self.kept: list[int] = []   # the source index of every example, in order (to name a batch's records)
+    self.where = None           # source.where: index -> (file, 1-based line)
+    self.truncated: collections.Counter = collections.Counter()   # kept sequences cut: prompt / response
 
   def add(self, err: DataError) -> None:
     self.counts[err.reason] += 1
+    self.by_file[(err.reason, err.file or "<unknown>")] += 1
     self.first.setdefault(err.reason, str(err))
+
+  def locate(self, example: int) -> str:
+    """'file:line' of the record example `example` came from."""
+    if self.where is None or not 0 <= example < len(self.kept):
+      return f"example {example}"
+    file, line = self.where(self.kept[example])
+    return f"{file}:{line}"
+
+  def as_dict(self) -> dict:
+    """Counts for summary.json: records looked at, skipped per reason, per reason and file, and the first
+    place of each reason."""
+    files: dict = {}
+    for (reason, file), n in sorted(self.by_file.items()):
+      files.setdefault(reason, {})[file] = n
+    return {"records": self.total, "skipped": self.skipped, "by_reason": dict(sorted(self.counts.items())),
+            "by_file": files, "first": dict(self.first), "truncated": dict(sorted(self.truncated.items()))}
 
   @property
   def skipped(self) -> int:
@@ -280,9 +312,14 @@ class SkipReport:
 
   def summary(self) -> str:
     if not self.counts:
-      return f"0 of {self.total} records skipped"
+      return f"0 of {self.total} records skipped" + self._truncated()
     parts = [f"{r}={n} (first: {self.first[r]})" for r, n in sorted(self.counts.items())]
-    return f"{self.skipped} of {self.total} records skipped: " + "; ".join(parts)
+    return f"{self.skipped} of {self.total} records skipped: " + "; ".join(parts) + self._truncated()
+
+  def _truncated(self) -> str:
+    if not self.truncated:
+      return ""
+    return "; sequences truncated (kept): " + ", ".join(f"{k}={n}" for k, n in sorted(self.truncated.items()))
 
   def __repr__(self):
     return f"SkipReport({dict(self.counts)}, total={self.total})"
@@ -292,14 +329,24 @@ def build_examples(source, indices: Sequence[int], encode: Callable[[Any], Examp
                    skip_invalid: bool = False) -> tuple[list[Example], SkipReport]:
   """`encode(source[i])` for each index, raising (or counting, with `skip_invalid`) located errors."""
   report, examples = SkipReport(), []
+  report.where = getattr(source, "where", None)
+  if len(source) == 0:
+    name = getattr(source, "path", None) or getattr(source, "name", None) or getattr(source, "paths", None)
+    raise DataError("empty_file", "it holds no records", file=str(name))
+  cut0 = collections.Counter(TRUNCATED)
   for i in indices:
     report.total += 1
     try:
+      before = collections.Counter(TRUNCATED)
       examples.append(encode(source[i]))
+      report.kept.append(int(i))
     except DataError as e:
+      TRUNCATED.clear()
+      TRUNCATED.update(before)      # a skipped record's cuts do not count
       if e.file is None:
         e = e.at(*source.where(i))
       if not skip_invalid:
         raise e from None
       report.add(e)
+  report.truncated = TRUNCATED - cut0
   return examples, report

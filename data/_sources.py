@@ -35,7 +35,7 @@ class DataError(ValueError):
     super().__init__(self._message())
 
   def _message(self) -> str:
-    where = f"{self.file}, line {self.line}: " if self.file is not None else ""
+    where = "" if self.file is None else f"{self.file}, line {self.line}: " if self.line else f"{self.file}: "
     return f"{where}{self.reason}" + (f": {self.detail}" if self.detail else "")
 
   def at(self, file: str, line: int) -> "DataError":
@@ -79,15 +79,24 @@ class JsonlSource:
 
   def __init__(self, path: str):
     self.path = os.fspath(path)
-    with open(self.path, encoding="utf-8") as f:
-      # (1-based line number, text) of every non-blank line: a trailing newline is not a record.
-      self._lines = [(n, s) for n, s in enumerate(f, 1) if s.strip()]
+    with open(self.path, "rb") as f:
+      raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):   # a UTF-8 byte order mark (written by some editors) is not data
+      raw = raw[3:]
+    # (1-based line number, bytes) of every non-blank line: a trailing newline is not a record. Lines are
+    # decoded when read, so a bad byte is a `bad_encoding` error naming the file and line.
+    self._lines = [(n, s) for n, s in enumerate(raw.split(b"\n"), 1) if s.strip()]
 
   def __len__(self):
     return len(self._lines)
 
   def __getitem__(self, i: int) -> dict:
     n, s = self._lines[i]
+    try:
+      s = s.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError("bad_encoding", f"not UTF-8: byte {s[e.start:e.start + 1]!r} at column {e.start + 1}",
+                      self.path, n) from None
     try:
       record = json.loads(s)
     except json.JSONDecodeError as e:

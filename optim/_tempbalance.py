@@ -400,6 +400,13 @@ class RunConfig:
     if given.get("esd_preset", cls.esd_preset) not in diagnostics.ESD_PRESETS:
       raise ValueError(f"config.tempbalance.esd_preset={given['esd_preset']!r}; valid: {diagnostics.ESD_PRESETS}")
     run = cls(**{k: v for k, v in given.items() if k in own})
+    if int(run.esd_interval) < 0:
+      raise ValueError(f"config.tempbalance.esd_interval must be >= 0 (0 = never), got {run.esd_interval}")
+    if run.enabled and int(run.esd_interval) <= 0:
+      raise ValueError("config.tempbalance.enabled=True needs config.tempbalance.esd_interval > 0 (the steps "
+                       "between ESD fits); with esd_interval=0 the multipliers would never be computed")
+    if int(run.eigs_thresh) < 0:
+      raise ValueError(f"config.tempbalance.eigs_thresh must be >= 0, got {run.eigs_thresh}")
     esd = getattr(diagnostics.EsdConfig, run.esd_preset)(eigs_thresh=run.eigs_thresh)
     return dataclasses.replace(run, mapping=TempBalanceConfig(
         esd=esd, **{k: v for k, v in given.items() if k in mapping}))

@@ -7,3 +7,4 @@ metrics, evaluation, generation, and the eval / export / diagnose / sweep tasks 
 from train_lib.generation import generate
 from train_lib.tasks import TASKS, register_task, run_task
 from train_lib.train import TrainState, model_outputs, train_and_evaluate, train_step
+from train_lib.validate import ConfigError, UserError

@@ -55,11 +55,13 @@ def with_defaults(config) -> ml_collections.ConfigDict:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the workdir's newest checkpoints were written with: the newest of configs/NNNN.json (one
+  per start), else config.json (the first)."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  cfg = ckpt_lib.latest_config(workdir)
+  if cfg is None:
     raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(cfg)
 
 
 # =====================================================================================================

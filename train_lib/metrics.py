@@ -10,16 +10,30 @@ import numpy as np
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard (tensorboardX, no TensorFlow needed) and to `metrics.jsonl`."""
+  """Writes scalars to TensorBoard (tensorboardX, no TensorFlow needed) and to `metrics.jsonl`.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `resume_offset`: the size `metrics.jsonl` had when the checkpoint being resumed was written (`offset()`
+  saved with it); the file is cut back to it, so records a killed run wrote after its last checkpoint
+  (and a torn last line) are dropped and written again. TensorBoard gets `purge_step` = the resumed step
+  + 1, so it too discards what the killed run logged after the checkpoint. `flush()` at every checkpoint.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0, resume_offset: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      if start_step == 0:
+        resume_offset = 0
+      if resume_offset is None:     # a checkpoint from before offsets were saved: cut only a torn line
+        resume_offset = _intact_size(self.path)
+      if os.path.exists(self.path) and os.path.getsize(self.path) > resume_offset:
+        with open(self.path, "r+b") as f:
+          f.truncate(resume_offset)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=start_step + 1 if start_step else 0)
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:
@@ -30,6 +44,9 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **clean}) + "\n")
 
+  def offset(self) -> int:
+    return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
   def flush(self):
     if self._tb is not None:
       self._tb.flush()
@@ -39,30 +56,69 @@ class MetricWriter:
       self._tb.close()
 
 
+def _intact_size(path: str) -> int:
+  """The size of `path` up to its last complete line."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    data = f.read()
+  return data.rfind(b"\n") + 1
+
+
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSONL file; a torn last line (a run killed while writing it) is left out with a
+  warning, a bad line elsewhere raises naming the file and line."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+    lines = f.readlines()
+  out = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n == len(lines) and not line.endswith("\n"):
+        print(f"WARNING: {path}:{n}: torn last line (a run killed while writing it) left out", file=sys.stderr)
+        break
+      raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+  return out
+
+
+def fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class Progress:
-  """A one-line console progress bar with loss, tokens/s and ETA (plain lines when not a terminal)."""
+  """A one-line console progress bar with loss, tokens/s of real (non-padding) tokens with the padding
+  fraction, and an ETA from the steady-state steps: the first update (which includes compilation) only
+  starts the clock, so the ETA shows "--:--" until a second one."""
 
   def __init__(self, total: int, start: int = 0, stream=None):
     self.total, self.start = total, start
     self.stream = stream or sys.stderr
-    self.t0 = time.perf_counter()
+    self.t0 = None
+    self.step0 = start
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
-  def update(self, step: int, loss: float, tokens_per_s: float):
-    done = step - self.start
-    elapsed = time.perf_counter() - self.t0
-    eta = elapsed / max(done, 1) * (self.total - step)
+  def eta(self, step: int) -> float | None:
+    if self.t0 is None or step <= self.step0:
+      return None
+    rate = (time.perf_counter() - self.t0) / (step - self.step0)
+    return rate * (self.total - step)
+
+  def update(self, step: int, loss: float, tokens_per_s: float, padding: float | None = None):
+    eta = self.eta(step)
+    if self.t0 is None:
+      self.t0, self.step0 = time.perf_counter(), step
     frac = step / max(self.total, 1)
     bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-    line = (f"[{bar}] {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
-            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+    pad = f" (pad {padding:.0%})" if padding is not None else ""
+    line = (f"[{bar}] {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s{pad} "
+            f"ETA {'--:--' if eta is None else fmt_time(eta)}")
     if self.tty:
       self.stream.write("\r" + line)
       if step >= self.total:

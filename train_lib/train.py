@@ -122,13 +122,85 @@ def eval_step(trainable, frozen, ref_params, batch, *, model, loss_entry, loss_c
 # =====================================================================================================
 # train_and_evaluate
 # =====================================================================================================
+def batch_records(ds, before: dict, after: dict, limit: int = 8) -> str:
+  """'file:line' of the records a training batch was made of (the stream from `before` to `after`)."""
+  n = len(ds.examples)
+  used = (int(after["epoch"]) - int(before["epoch"])) * n + int(after["position"]) - int(before["position"])
+  idx = []
+  for j in range(max(used, 0)):
+    q = int(before["position"]) + j
+    idx.append(int(ds.order(int(before["epoch"]) + q // n)[q % n]))
+  report = getattr(ds, "report", None)
+  names = [report.locate(i) if report is not None else f"example {i}" for i in idx]
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def report_skips(reports: dict, writer, step: int) -> dict:
+  """Prints what the data readers left out, per split, and logs it as TensorBoard scalars
+  (`data/<split>/skipped/<reason>`, `data/<split>/dropped/<reason>`). Returns the summary.json entry."""
+  out = {}
+  for split, report in reports.items():
+    if report is None:
+      continue
+    d = report.as_dict() if hasattr(report, "as_dict") else {}
+    out[split] = d
+    scalars = {f"data/{split}/records": d.get("records", 0), f"data/{split}/skipped": d.get("skipped", 0)}
+    scalars.update({f"data/{split}/skipped/{r}": n for r, n in d.get("by_reason", {}).items()})
+    scalars.update({f"data/{split}/dropped/{r}": n for r, n in d.get("list_entries_dropped", {}).items()})
+    writer.write(step, scalars)
+    scalars.update({f"data/{split}/truncated/{r}": n for r, n in d.get("truncated", {}).items()})
+    if d.get("skipped") or d.get("list_entries_dropped") or d.get("truncated"):
+      print(f"data ({split}): {report.summary()}", flush=True)
+      for reason, files in d.get("by_file", {}).items():
+        for file, n in files.items():
+          print(f"  {reason}: {n} in {file}", flush=True)
+  return out
+
+
+class HealthCheck:
+  """Warnings for a run that trains nothing: a gradient norm of exactly 0, or a loss that has not moved
+  (max - min < 1e-6 relative) over the last `window` steps (`config.stuck_loss_window`, 0 = off)."""
+
+  def __init__(self, window: int):
+    self.window, self.points, self.warnings, self.kinds = window, [], [], set()
+
+  def _warn(self, kind, msg):
+    if kind not in self.kinds:       # once per kind
+      self.kinds.add(kind)
+      self.warnings.append(msg)
+      logging.warning(msg)
+      print(f"WARNING: {msg}", flush=True)
+
+  def update(self, step: int, metrics: dict):
+    if "grad_norm" in metrics and float(metrics["grad_norm"]) == 0.0:
+      self._warn("zero_grad", f"the gradient norm is 0 at step {step}: nothing is training (frozen parameters, a loss "
+                 f"without a path to them, or a data with no loss tokens?)")
+    if not self.window:
+      return
+    self.points.append((step, float(metrics["loss"])))
+    self.points = [(s, l) for s, l in self.points if s > step - self.window]
+    if self.points and step - self.points[0][0] >= self.window - 1 and len(self.points) > 1:
+      ls = [l for _, l in self.points]
+      if max(ls) - min(ls) <= 1e-6 * max(1.0, abs(ls[-1])):
+        self._warn("stuck_loss", f"the loss has not moved over the last {self.window} steps (stuck at {ls[-1]:.6f} since "
+                   f"step {self.points[0][0]})")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary dict."""
+  """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary dict.
+
+  The workdir is locked for the run (`checkpoint.WorkdirLock`); the config is compared with the one the
+  workdir's checkpoints were written with before anything is written (`checkpoint.record_config`)."""
   config = build.with_defaults(config)
   validate_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, build.CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
+  with ckpt_lib.WorkdirLock(workdir):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
+  history = ckpt_lib.record_config(workdir, json.loads(config.to_json()), config.get("resume_policy", "strict"))
   mesh = shd.make_mesh(config.get("mesh"))
   tokenizer = data_lib.get_tokenizer(config.data)
   model, params = build.build_model(config, tokenizer, mesh)
@@ -164,28 +236,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- data and checkpoint ----------------------------------------------------------------------------
   seq_len = int(config.seq_len)
-  train_iter = iter(data_lib.get_dataset(config.data, "train", tokenizer=tokenizer,
-                                         batch_size=config.batch_size, seq_len=seq_len, seed=config.seed))
+  train_ds = data_lib.get_dataset(config.data, "train", tokenizer=tokenizer, batch_size=config.batch_size,
+                                  seq_len=seq_len, seed=config.seed)
+  train_iter = iter(train_ds)
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 2),
                                async_save=config.get("async_checkpoints", True))
   # Running loss state fed back each step (BCO's reward mean), checkpointed with the data position.
   carry = {field: 0.0 for _, field in loss_entry.carry}
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state, restored_frozen = ckpt.restore(
-        start, ckpt_lib.abstract(state, state_sh),
-        ckpt_lib.abstract(frozen, frozen_sh) if save_frozen else None)
+  restored = ckpt.restore_latest(ckpt_lib.abstract(state, state_sh),
+                                 ckpt_lib.abstract(frozen, frozen_sh) if save_frozen else None)
+  metrics_offset = None
+  if restored is not None:
+    _, state, data_state, restored_frozen = restored
     if save_frozen:
       frozen = restored_frozen
     carry = data_state.pop("loss_carry", carry)
+    metrics_offset = data_state.pop("metrics_offset", None)
     train_iter.set_state(data_state)
-    logging.info("resumed from step %d", start)
   start = int(state.step)
-  resumed_from = start if ckpt.latest_step() is not None else None
+  resumed_from = start if restored is not None else None
+  if resumed_from is not None:
+    print(f"resumed from step {start} (checkpoint {os.path.join(ckpt.directory, str(start))})", flush=True)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start,
+                                    resume_offset=metrics_offset)
   summary_path = os.path.join(workdir, "summary.json")
-  summary = json.load(open(summary_path)) if os.path.exists(summary_path) and start else {}
+  summary = (ckpt_lib.read_json(summary_path, {}) or {}) if start else {}
+  if history["changes"]:
+    summary["config_changes"] = {k: list(v) for k, v in history["changes"].items()}
+  if start == 0:
+    reports = {"train": getattr(train_ds, "report", None)}
+    ec = config.get("eval") or {}
+    if ec.get("num_loss_batches", 4):
+      split = config.get("eval_split", "test")
+      reports[split] = getattr(data_lib.get_dataset(config.data, split, tokenizer=tokenizer,
+                                                    batch_size=ec.batch_size, seq_len=seq_len,
+                                                    seed=config.seed), "report", None)
+    summary["data"] = report_skips(reports, writer, 0)
 
   def run_eval(step, tag):
     params_now = peft.combine(state.params, frozen)
@@ -205,30 +292,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- loop -------------------------------------------------------------------------------------------
   progress = metrics_lib.Progress(total_steps, start)
-  pending = []                          # (step, data position, device metrics) not yet checked on host
-  kind = config.data.get("pref_kind")
-  seqs = (data_lib.num_sequences(kind, config.data.get("list_size", 4), config.data.get("unpaired_kl", True))
-          if kind else 1)
-  tokens_per_step = config.batch_size * seq_len * seqs
-  t_last, steps_since = time.perf_counter(), 0
+  health = HealthCheck(int(config.get("stuck_loss_window", 200) or 0))
+  pending = []                     # (step, data positions before and after, device metrics) not yet checked
+  tokens = {"real": 0, "all": 0}   # since the last log line: non-padding and all token slots
+  t_last = time.perf_counter()
   log_every = int(config.get("log_every_steps", 10))
 
   def flush_pending():
-    nonlocal t_last, steps_since
+    nonlocal t_last
     if not pending:
       return
-    fetched = jax.device_get([m for _, _, m in pending])
-    for (s, pos, _), m in zip(pending, fetched):
+    fetched = jax.device_get([m for _, _, _, m in pending])
+    for (s, before, after, _), m in zip(pending, fetched):
       if not np.isfinite(m["loss"]):
-        raise NonFiniteLossError(f"loss is {m['loss']} at step {s} (batch at data position {pos}); "
-                                 f"the last checkpoint (step {ckpt.latest_step()}) is intact")
-    s, _, _ = pending[-1]
+        raise NonFiniteLossError(
+            f"loss is {m['loss']} at step {s} (batch at data position {before}; records "
+            f"{batch_records(train_ds, before, after)}), the step metrics.jsonl logs as step {s + 1}; "
+            f"the last checkpoint (step {ckpt.latest_step()}) is intact")
+    s = pending[-1][0]
     m = fetched[-1]
     dt = time.perf_counter() - t_last
-    tps = tokens_per_step * steps_since / max(dt, 1e-9)
-    writer.write(s + 1, {**m, "tokens_per_s": tps})
-    progress.update(s + 1, float(m["loss"]), tps)
-    t_last, steps_since = time.perf_counter(), 0
+    tps = tokens["real"] / max(dt, 1e-9)
+    padding = 1.0 - tokens["real"] / max(tokens["all"], 1)
+    writer.write(s + 1, {**m, "tokens_per_s": tps, "padding_fraction": padding})
+    progress.update(s + 1, float(m["loss"]), tps, padding)
+    for (s_i, _, _, _), m_i in zip(pending, fetched):
+      health.update(s_i + 1, m_i)
+    t_last = time.perf_counter()
+    tokens.update(real=0, all=0)
     pending.clear()
 
   for step in range(start, total_steps):
@@ -239,6 +330,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
           writer.write(step, logged[0])
     pos = train_iter.get_state()
     host_batch = eval_lib.to_model_batch(next(train_iter))
+    seg = host_batch.get("segment_ids")
+    if seg is not None:
+      tokens["real"] += int(np.count_nonzero(seg))
+      tokens["all"] += int(np.size(seg))
     host_batch.update({k: np.float32(v) for k, v in carry.items()})
     batch = eval_lib.put_batch(host_batch, mesh)
     for _, hook in run_hooks:      # measurements of the batch the step is about to use
@@ -247,8 +342,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, metrics = step_fn(state, frozen, ref_params, batch)
     if carry:    # a host sync per step, only for losses that carry state
       carry = {field: float(metrics[metric]) for metric, field in loss_entry.carry}
-    pending.append((step, pos, metrics))
-    steps_since += 1
+    pending.append((step, pos, train_iter.get_state(), metrics))
     done = step + 1
     if done % log_every == 0 or done == total_steps:
       flush_pending()
@@ -256,8 +350,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run_eval(done, f"step_{done}")
     if done % int(config.get("checkpoint_every_steps", 1000)) == 0 or done == total_steps:
       flush_pending()
-      ckpt.save(done, state, {**train_iter.get_state(), "loss_carry": carry}, force=done == total_steps,
-                frozen=frozen if save_frozen else None)
+      writer.flush()     # TensorBoard holds everything up to the checkpoint
+      ckpt.save(done, state, {**train_iter.get_state(), "loss_carry": carry, "metrics_offset": writer.offset()},
+                force=done == total_steps, frozen=frozen if save_frozen else None)
 
   flush_pending()
   ckpt.close()
@@ -267,11 +362,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.close()
   plot = metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "loss_curve.png"))
   summary.update(steps=total_steps, plot=plot)
+  if health.warnings:
+    summary["warnings"] = health.warnings
   if resumed_from is not None:
     summary["resumed_from"] = resumed_from
   if jax.process_index() == 0:
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=2, default=float)
+    ckpt_lib.atomic_write(summary_path, json.dumps(summary, indent=2, default=float))
   summary["state"] = state
   summary["frozen"] = frozen
   return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+import data as data_lib
 import losses
 import models
 import optim
@@ -13,10 +14,21 @@ from optim import optimizer_names
 
 TASKS = ("train", "eval", "diagnose", "export", "sweep")
 DTYPES = ("float32", "bfloat16", "float16")
+RESUME_POLICIES = ("strict", "allow", "restart")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """An error of the user's input or workdir, reported by main.py as one message without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
   pass
+
+
+POSITIVE = ("batch_size", "seq_len", "total_steps", "log_every_steps", "checkpoint_every_steps",
+            "keep_checkpoints", "eval.batch_size")
+NON_NEGATIVE = ("eval_every_steps", "entanglement_every_steps", "eval.num_loss_batches", "eval.num_examples",
+                "eval.max_new_tokens", "stuck_loss_window")
 
 
 def _check(cond, msg):
@@ -24,10 +36,60 @@ def _check(cond, msg):
     raise ConfigError(msg)
 
 
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    if node is None or not hasattr(node, "get"):
+      return None
+    node = node.get(part)
+  return node
+
+
+def check_numbers(config) -> None:
+  """Sizes and intervals: a 0 or a negative value fails here instead of dividing by zero, deleting every
+  checkpoint or "training" on empty batches."""
+  for key in POSITIVE + NON_NEGATIVE:
+    v = _get(config, key)
+    if v is None:
+      continue
+    _check(isinstance(v, (int, np.integer)) and not isinstance(v, bool),
+           f"config.{key} must be an integer, got {v!r}")
+    if key in POSITIVE:
+      _check(v > 0, f"config.{key} must be > 0, got {v}" +
+             (" (1 keeps only the newest checkpoint)" if key == "keep_checkpoints" else ""))
+    else:
+      _check(v >= 0, f"config.{key} must be >= 0 (0 = off), got {v}")
+  ec = config.get("eval") or {}
+  if ec.get("num_examples"):
+    _check(int(ec.get("max_new_tokens", 1)) > 0, "config.eval.max_new_tokens must be > 0 when "
+           "config.eval.num_examples > 0")
+
+
+def check_data(config) -> None:
+  """The data config resolves, and the files of the train split and (when evaluation is on) of the eval
+  split exist: a path without {split} fails now, not at the final evaluation."""
+  dc = config.data
+  if dc.get("pref_kind") == "listwise" and int(dc.get("list_size", 4)) < 2:
+    raise ConfigError(f"config.data.list_size must be >= 2 for listwise data, got {dc.get('list_size')}")
+  ec = config.get("eval") or {}
+  splits = ["train"]
+  if ec.get("num_loss_batches", 4) or ec.get("num_examples", 0):
+    splits.append(config.get("eval_split", "test"))
+  for split in splits:
+    try:
+      data_lib.split_files(dc, split)
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(f"config.data ({split} split): {e}") from None
+
+
 def validate(config, num_devices: int | None = None) -> None:
   _check(config.get("task", "train") in TASKS, f"config.task={config.get('task')!r}; valid: {TASKS}")
   if config.get("task", "train") != "train":
     return
+  check_numbers(config)
+  _check(config.get("resume_policy", "strict") in RESUME_POLICIES,
+         f"config.resume_policy={config.get('resume_policy')!r}; valid: {', '.join(RESUME_POLICIES)}")
+  check_data(config)
   mc = config.model
   if not mc.get("hf_path") and not mc.get("init_workdir"):
     _check(mc.name in models.PRESETS, f"config.model.name={mc.name!r}; valid: {', '.join(models.PRESETS)}")
@@ -47,6 +109,20 @@ def validate(config, num_devices: int | None = None) -> None:
   entry = losses.get(config.loss.name)
   want = {"sft": ("sft",), "pairwise": ("pairwise",), "listwise": ("listwise", "pairwise"),
           "unpaired": ("unpaired",)}[kind]
+  to_pairs = config.data.get("list_to_pairs")
+  if to_pairs is not None:
+    _check(to_pairs in data_lib.LIST_TO_PAIRS,
+           f"config.data.list_to_pairs={to_pairs!r}; valid: None, {', '.join(data_lib.LIST_TO_PAIRS)}")
+    _check(kind == "listwise", f"config.data.list_to_pairs={to_pairs!r} turns listwise records into pairs; "
+           f"config.data.pref_kind is {config.data.get('pref_kind')!r}")
+    _check(entry.kind == "pairwise", f"config.data.list_to_pairs={to_pairs!r} makes pairs, but "
+           f"config.loss.name={config.loss.name!r} is a {entry.kind} loss: drop list_to_pairs")
+  elif kind == "listwise" and entry.kind == "pairwise":
+    raise ConfigError(
+        f"config.loss.name={config.loss.name!r} is a pairwise loss but the data is listwise: it would take "
+        f"list entries 0 and 1 as chosen and rejected whatever their scores. Set "
+        f"--config.data.list_to_pairs=best_worst|all_pairs|adjacent to build pairs from the scores (ties "
+        f"are left out and counted), or use a listwise loss")
   _check(entry.kind in want,
          f"config.loss.name={config.loss.name!r} is a {entry.kind} loss but config.data.pref_kind is "
          f"{config.data.get('pref_kind')!r}; {entry.kind} losses need pref_kind "
