@@ -67,6 +67,7 @@ def main():
   p.add_argument("--base_steps", type=int, default=600)
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--num_examples", type=int, default=200)
+  p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
   p.add_argument("--only", default="", help="comma-separated method names (default: all)")
   a = p.parse_args()
   t0 = time.time()
@@ -77,7 +78,7 @@ def main():
     if not os.path.exists(os.path.join(d, "summary.json")):
       cfg = get_config("sft.py", f"model={a.model},task={task},steps={a.steps}")
       cfg.model.init_workdir = base_dir
-      cfg.optim.learning_rate = 1e-3
+      cfg.optim.learning_rate = a.lr
       cfg.optim.warmup_steps = 30
       cfg.eval_before = False
       train_lib.train_and_evaluate(cfg, d)
@@ -111,7 +112,7 @@ def main():
 
   lines = ["# Merging two fine-tunes on the built-in tasks", "",
            f"A {a.model} model trained on `add` ({a.base_steps} steps) is fine-tuned twice, on `sort` and on "
-           f"`reverse` ({a.steps} steps each, full fine-tuning, lr 1e-3); the two fine-tunes are merged by each "
+           f"`reverse` ({a.steps} steps each, full fine-tuning, lr {a.lr:g}); the two fine-tunes are merged by each "
            "method (task vectors relative to the `add` base; SLERP and nearswap interpolate between the two "
            f"fine-tunes). Exact match: {a.num_examples} held-out prompts of each task, greedy, checked by the "
            "task's verifier. Weights are uniform (1 per model); `lambda` 1 unless stated; other parameters at "
@@ -120,7 +121,7 @@ def main():
   for title, (s, r) in rows:
     lines.append(f"| {title} | {s:.3f} | {r:.3f} | {(s + r) / 2:.3f} |")
   lines += ["", f"Command: `python benchmarks/merge_table.py --workdir=WORKDIR --model={a.model} "
-            f"--base_steps={a.base_steps} --steps={a.steps} --num_examples={a.num_examples}` "
+            f"--base_steps={a.base_steps} --steps={a.steps} --lr={a.lr:g} --num_examples={a.num_examples}` "
             f"({jax.default_backend()}; training {t_train:.0f} s, {n_merges} merges and their evaluation "
             f"{time.time() - t0 - t_train:.0f} s)."]
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
