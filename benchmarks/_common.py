@@ -28,9 +28,9 @@ def transfer_args(out_name: str, base_steps: int, steps: int) -> argparse.Namesp
   return p.parse_args()
 
 
-def train_base(workdir: str, model: str, steps: int) -> str:
-  """The base model trained on `sort` (reused when `workdir/base` already holds a finished run)."""
+def train_base(workdir: str, model: str, steps: int, task: str = "sort") -> str:
+  """The base model trained on `task` (reused when `workdir/base` already holds a finished run)."""
   base = os.path.join(workdir, "base")
   if not os.path.exists(os.path.join(base, "summary.json")):
-    train_lib.train_and_evaluate(get_config("sft.py", f"model={model},task=sort,steps={steps}"), base)
+    train_lib.train_and_evaluate(get_config("sft.py", f"model={model},task={task},steps={steps}"), base)
   return base

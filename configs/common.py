@@ -37,7 +37,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every section a train config has; experiment files override what they change."""
   c = ml_collections.ConfigDict()
-  c.task = "train"                        # train | eval | diagnose | export | sweep
+  c.task = "train"                        # train | eval | diagnose | export | sweep | merge
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -86,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   # TempBalance / Model Balancing layerwise learning rates from those alphas. Every field with its default
   # and meaning: optim/_tempbalance.py (RunConfig, TempBalanceConfig).
   c.tempbalance = optim.tempbalance_default_config()
+
+  # The frozen reference of the losses that read one (DPO family). Default: the start weights. `soup`:
+  # comma-separated workdirs of SFT runs whose uniform weight-space average is the reference (SALSA).
+  c.reference = ml_collections.ConfigDict()
+  c.reference.soup = ""
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -6,6 +6,7 @@ the trainable/frozen split, and `load_trained` for the eval, export and diagnose
     params, run_hooks = build.transform_params(config, model, params)
     trainable, frozen = build.split_trainable(params)
     config, model, params, tokenizer = build.load_trained(workdir)     # a finished (or running) run
+    ref_params = build.reference_soup(config.reference.soup, mesh)      # a weight-space soup of runs
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import losses
 import models
 import optim
 import diagnostics  # noqa: F401  (registers its host hooks)
+import merging
 import peft
 from train_lib import checkpoint as ckpt_lib
 from train_lib import sharding as shd
@@ -166,3 +168,30 @@ def load_trained(workdir: str, step: int | None = None, mesh=None):
     frozen = saved_frozen
   params = peft.combine(state.params, frozen)
   return config, model, params, tokenizer
+
+
+# =====================================================================================================
+# A reference model from other runs
+# =====================================================================================================
+def soup_runs(soup) -> list[str]:
+  """`config.reference.soup` ("RUN1,RUN2" or a sequence) -> the list of workdirs."""
+  if isinstance(soup, str):
+    return [s.strip() for s in soup.split(",") if s.strip()]
+  return [str(s) for s in (soup or ())]
+
+
+def reference_soup(soup, mesh=None, dtype=None):
+  """The uniform weight-space average (`merging.linear`) of the runs in `soup` (their adapters merged, loss
+  parameters dropped): a frozen reference for the losses that read one, as SALSA builds it from SFT runs.
+  Placed into the parameters' shardings on `mesh` when given."""
+  runs = soup_runs(soup)
+  if not runs:
+    raise ValueError("reference soup: no runs given")
+  trees = []
+  for run in runs:
+    _, _, params, _ = load_trained(run)
+    params = peft.merge(params)
+    trees.append(jax.device_get({k: v for k, v in params.items() if k != LOSS_PARAMS}))
+  soup_params = merging.linear(None, trees)
+  leaves = jax.tree.leaves(trees[0])
+  return place(soup_params, dtype or leaves[0].dtype, mesh)

@@ -211,7 +211,11 @@ def _train(config, workdir: str) -> dict:
   tx, schedule = optim.from_config(config, trainable)
   loss_entry = losses.get(config.loss.name)
   ref_params = None
-  if "reference" in loss_entry.needs_for(config.loss) and not peft.has_adapters(params):
+  needs_reference = "reference" in loss_entry.needs_for(config.loss)
+  soup = (config.get("reference") or {}).get("soup")
+  if needs_reference and soup:    # a weight-space average of other runs is the frozen reference
+    ref_params = build.reference_soup(soup, dtype=model.config.param_dtype)
+  elif needs_reference and not peft.has_adapters(params):
     ref_params = jax.tree.map(jnp.copy, params)   # full fine-tuning: a frozen copy is the reference
   logging.info("model %s: %d params, %d trainable", model.config, peft.count(params), peft.count(trainable))
   logging.info("host hooks: %s", [name for name, _ in run_hooks] or "none")
