@@ -92,7 +92,9 @@ def run_and_adapters(tmp_path_factory):
   from configs import sft  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp("run")
   work = str(d / "sft")
-  train_lib.train_and_evaluate(sft.get_config("model=tiny,smoke"), work)
+  c = sft.get_config("model=tiny,smoke")
+  c.eval_before, c.eval.num_examples, c.total_steps = False, 0, 4
+  train_lib.train_and_evaluate(c, work)
   _, model, trained, _ = build.load_trained(work)
   cfg = model.config
   base = jax.device_get(model.init(jax.random.PRNGKey(7)))
@@ -211,7 +213,7 @@ def test_dpo_with_a_soup_reference_of_two_sft_runs(tmp_path):
   for seed in (0, 1):
     c = sft.get_config("model=tiny,smoke")
     c.seed = seed
-    c.eval_before = False
+    c.eval_before, c.eval.num_examples, c.total_steps = False, 0, 4
     train_lib.train_and_evaluate(c, str(tmp_path / f"sft{seed}"))
     runs.append(str(tmp_path / f"sft{seed}"))
   cfg = dpo.get_config("model=tiny,smoke")
