@@ -86,19 +86,11 @@ def test_merging_a_model_with_itself_returns_it(hf_dirs, tmp_path):
   _close(got, ft1, rtol=0, atol=0)
 
 
-@pytest.fixture(scope="module")
-def run_and_adapters(tmp_path_factory):
-  """A smoke SFT workdir, an HF base directory of its shapes, and two random LoRA adapter directories."""
-  from configs import sft  # pylint: disable=g-import-not-at-top
-  d = tmp_path_factory.mktemp("run")
-  work = str(d / "sft")
-  train_lib.train_and_evaluate(sft.get_config("model=tiny,smoke"), work)
-  _, model, trained, _ = build.load_trained(work)
-  cfg = model.config
-  base = jax.device_get(model.init(jax.random.PRNGKey(7)))
-  base_dir = _save(d / "base", cfg, base)
-  adapters = []
-  for i in range(2):
+def _adapters(base, d, n=2):
+  """n random LoRA (rank 4, all linear layers, nonzero B) adapters on `base`, exported as HF PEFT
+  directories: [(directory, adapted params)]."""
+  out = []
+  for i in range(n):
     lcfg = peft.default_config()
     lcfg.method, lcfg.rank, lcfg.alpha, lcfg.targets = "lora", 4, 8.0, "all-linear"
     p = peft.apply_config(base, lcfg, rng=jax.random.PRNGKey(10 + i))
@@ -106,29 +98,54 @@ def run_and_adapters(tmp_path_factory):
     p = peft.map_with_path(lambda path, l: l.replace(b=jnp.asarray(0.05 * rng.standard_normal(l.b.shape),
                                                                    l.b.dtype)) if isinstance(l, peft.LoRA) else l,
                            p, is_leaf=peft.is_adapter)
-    out = str(d / f"adapter{i}")
-    peft.export_adapter(out, p, lcfg)
-    adapters.append((out, p))
-  return work, jax.device_get(peft.merge(trained)), base_dir, base, adapters
+    path = str(d / f"adapter{i}")
+    peft.export_adapter(path, p, lcfg)
+    out.append((path, p))
+  return out
 
 
-def test_workdir_and_adapter_dir_inputs(run_and_adapters, tmp_path):
-  work, trained, base_dir, base, adapters = run_and_adapters
-  (ad0, p0), _ = adapters
+@pytest.fixture(scope="module")
+def adapter_dirs(hf_dirs, tmp_path_factory):
+  return _adapters(hf_dirs[1][0], tmp_path_factory.mktemp("adapters"))
+
+
+def test_hf_dir_and_adapter_dir_inputs(hf_dirs, adapter_dirs, tmp_path):
+  (b, m1, _), (base, ft1, _) = hf_dirs
+  (ad0, p0), _ = adapter_dirs
+  got, rec = _run(tmp_path / "ta", method="task_arithmetic", base=b, models=f"{m1},{ad0}",
+                  params={"weight": [0.5, 1.0]})
+  assert rec["kinds"] == ["hf", "adapter"] and not rec["streaming"]
+  _close(got, merging.task_arithmetic(base, [ft1, peft.merge(p0)], weight=[0.5, 1.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_native_cat_is_the_sum_of_the_deltas(hf_dirs, adapter_dirs, tmp_path):
+  (b, _, _), (base, _, _) = hf_dirs
+  (ad0, p0), (ad1, p1) = adapter_dirs
+  got, rec = _run(tmp_path / "cat", method="lora_cat", base=b, models=f"{ad0},{ad1}")
+  fb, f0, f1 = (merging.flatten(peft.merge(t)) for t in (base, p0, p1))
+  want = {k: fb[k] + (f0[k] - fb[k]) + (f1[k] - fb[k]) for k in fb}
+  _close(got, merging.unflatten(want), rtol=1e-5, atol=1e-6)
+  assert rec["kinds"] == ["adapter", "adapter"]
+
+
+@pytest.mark.slow
+def test_workdir_and_adapter_dir_inputs(tmp_path):
+  """A project workdir (a 4-step smoke SFT run) and an adapter directory merged on an HF base of its shapes."""
+  from configs import sft  # pylint: disable=g-import-not-at-top
+  work = str(tmp_path / "sft")
+  c = sft.get_config("model=tiny,smoke")
+  c.eval_before, c.eval.num_examples, c.total_steps = False, 0, 4
+  train_lib.train_and_evaluate(c, work)
+  _, model, trained, _ = build.load_trained(work)
+  trained = jax.device_get(peft.merge(trained))
+  base = jax.device_get(model.init(jax.random.PRNGKey(7)))
+  base_dir = _save(tmp_path / "base", model.config, base)
+  ((ad0, p0),) = _adapters(base, tmp_path, n=1)
   got, rec = _run(tmp_path / "ta", method="task_arithmetic", base=base_dir, models=f"{work},{ad0}",
                   params={"weight": [0.5, 1.0]})
   assert rec["kinds"] == ["workdir", "adapter"] and not rec["streaming"]
   want = merging.task_arithmetic(base, [trained, peft.merge(p0)], weight=[0.5, 1.0])
   _close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_lora_native_cat_is_the_sum_of_the_deltas(run_and_adapters, tmp_path):
-  _, _, base_dir, base, ((ad0, p0), (ad1, p1)) = run_and_adapters
-  got, rec = _run(tmp_path / "cat", method="lora_cat", base=base_dir, models=f"{ad0},{ad1}")
-  fb, f0, f1 = (merging.flatten(peft.merge(t)) for t in (base, p0, p1))
-  want = {k: fb[k] + (f0[k] - fb[k]) + (f1[k] - fb[k]) for k in fb}
-  _close(got, merging.unflatten(want), rtol=1e-5, atol=1e-6)
-  assert rec["kinds"] == ["adapter", "adapter"]
 
 
 _YAML = """\
@@ -211,7 +228,7 @@ def test_dpo_with_a_soup_reference_of_two_sft_runs(tmp_path):
   for seed in (0, 1):
     c = sft.get_config("model=tiny,smoke")
     c.seed = seed
-    c.eval_before = False
+    c.eval_before, c.eval.num_examples, c.total_steps = False, 0, 4
     train_lib.train_and_evaluate(c, str(tmp_path / f"sft{seed}"))
     runs.append(str(tmp_path / f"sft{seed}"))
   cfg = dpo.get_config("model=tiny,smoke")
