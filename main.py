@@ -104,7 +104,12 @@ def describe_override_error(argv) -> str | None:
 def _short(e: BaseException) -> str:
   if isinstance(e, (AttributeError, KeyError)) and e.args:
     return str(e.args[0]).strip().strip("'\"").replace("\\n", " ").replace("\n", " ")
-  return str(e).strip().replace("\n", " ")
+  msg = str(e).strip()
+  if "Traceback (most recent call last)" in msg:   # ml_collections embeds the config file's traceback
+    head = msg.split("Traceback (most recent call last)")[0].strip()
+    last = [l for l in msg.splitlines() if l.strip()][-1].strip()
+    msg = f"{head} {last}"
+  return msg.replace("\n", " ")
 
 
 def parse_flags(argv):

@@ -30,7 +30,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     elif d is None:
       out[key] = val
     else:
-      out[key] = type(d)(val)
+      try:
+        out[key] = type(d)(val)
+      except ValueError:
+        raise ValueError(f"config argument {key}={val!r}: expected {type(d).__name__} (default {d!r})") from None
   return ml_collections.ConfigDict(out)
 
 

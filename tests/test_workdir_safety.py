@@ -313,6 +313,11 @@ def test_main_list_and_help_show_configs_and_presets(capsys):
     assert "configs/dpo_kernels.py" in out and "kernel='rbf'" in out
 
 
+def test_preset_argument_of_the_wrong_type_is_named():
+  with pytest.raises(ValueError, match=r"config argument steps='abc': expected int \(default 1500\)"):
+    sft.get_config("steps=abc")
+
+
 def test_main_config_typo_is_one_line_with_the_valid_names(tmp_path, capsys):
   # In this process absl does not register the config's override flags (each is "unknown"); the field
   # messages come from main.describe_override_error, which reads the config file itself. Errors past the
@@ -323,6 +328,9 @@ def test_main_config_typo_is_one_line_with_the_valid_names(tmp_path, capsys):
   assert "config.optim has no field 'learnin_rate' (did you mean learning_rate?); valid:" in err
   code, _, err = _main(capsys, smoke, f"--workdir={tmp_path}", "--config.zzz=2")
   assert code == 2 and "config has no field 'zzz'; valid: async_checkpoints, batch_size" in err
+  code, _, err = _main(capsys, "--config=configs/sft.py:steps=abc", f"--workdir={tmp_path}")
+  assert code == 2 and "Traceback" not in err
+  assert "config argument steps='abc': expected int (default 1500)" in err
   r = subprocess.run([sys.executable, "main.py", smoke, f"--workdir={tmp_path}", "--config.keep_checkpoints=0"],
                      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                      timeout=300)

@@ -203,13 +203,14 @@ def move_aside(workdir: str) -> str:
   return dest
 
 
-def record_config(workdir: str, config_dict: dict, policy: str = "strict") -> dict:
+def record_config(workdir: str, config_dict: dict, policy: str = "strict", write: bool = True) -> dict:
   """Compares the config of this start with the one the workdir's checkpoints were written with, before
   anything is written; then adds it to the history. Returns {"changes", "restarted_from"}.
 
   strict (default): resume when only fields listed in SAFE_ON_RESUME changed, else stop naming each
   changed field. allow: resume whatever changed (a warning lists the changes). restart: move the earlier
-  run's outputs to workdir/previous/NNNN and start from step 0 with this config.
+  run's outputs to workdir/previous/NNNN and start from step 0 with this config. `write=False` (the other
+  hosts of a multi-host run) compares only.
   """
   if policy not in RESUME_POLICIES:
     raise WorkdirError(f"config.resume_policy={policy!r}; valid: {', '.join(RESUME_POLICIES)}")
@@ -225,12 +226,16 @@ def record_config(workdir: str, config_dict: dict, policy: str = "strict") -> di
           f"{workdir} holds a run with another config, so it cannot be resumed: {listing}. "
           f"--config.resume_policy=allow resumes anyway; --config.resume_policy=restart moves the earlier "
           f"run to {os.path.join(workdir, 'previous')} and starts again; or use another --workdir")
-    if unsafe and policy == "restart":
+    if unsafe and policy == "restart" and not write:
+      out["restarted_from"] = os.path.join(workdir, "previous")
+    elif unsafe and policy == "restart":
       out["restarted_from"] = move_aside(workdir)
       print(f"config changed ({listing}): the earlier run moved to {out['restarted_from']}; starting again",
             flush=True)
     else:
       print(f"resuming with a changed config: {listing}", flush=True)
+  if not write:
+    return out
   d = os.path.join(workdir, HISTORY_DIR)
   os.makedirs(d, exist_ok=True)
   text = json.dumps(config_dict, indent=2, default=str)

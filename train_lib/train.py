@@ -195,12 +195,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config = build.with_defaults(config)
   validate_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:      # several hosts share one workdir: the first one holds the lock
+    return _train(config, workdir)
   with ckpt_lib.WorkdirLock(workdir):
     return _train(config, workdir)
 
 
 def _train(config, workdir: str) -> dict:
-  history = ckpt_lib.record_config(workdir, json.loads(config.to_json()), config.get("resume_policy", "strict"))
+  history = ckpt_lib.record_config(workdir, json.loads(config.to_json()), config.get("resume_policy", "strict"),
+                                   write=jax.process_index() == 0)
   mesh = shd.make_mesh(config.get("mesh"))
   tokenizer = data_lib.get_tokenizer(config.data)
   model, params = build.build_model(config, tokenizer, mesh)
