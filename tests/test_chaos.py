@@ -79,6 +79,7 @@ def _wait_and_kill(proc, wd, moment, rng, deadline):
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 def test_killed_many_times_then_truncated_ends_equal_to_the_uninterrupted_run(tmp_path):
   ref = train_runner.run(SPEC, tmp_path / "ref", tmp_path / "ref.npz", COMMON)
   wd = str(tmp_path / "chaos")
