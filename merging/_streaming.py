@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from typing import Optional, Sequence
 
 import numpy as np
 
+import models
 from merging._registry import MergeMethod, _is_float, get
 
 _SINGLE = "model.safetensors"
@@ -28,20 +28,8 @@ _INDEX = "model.safetensors.index.json"
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
            "chat_template.jinja")
-_RAW = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def _read_raw(file: str, name: str) -> np.ndarray:
-  import ml_dtypes   # pylint: disable=g-import-not-at-top  (a jax dependency)
-  with open(file, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    info = json.loads(f.read(n))[name]
-    start, end = info["data_offsets"]
-    f.seek(8 + n + start)
-    buf = f.read(end - start)
-  dt = info["dtype"]
-  dtype = np.dtype(getattr(ml_dtypes, _RAW[dt])) if dt in _RAW else np.dtype(dt.lower())
-  return np.frombuffer(buf, dtype).reshape(info["shape"]).copy()
+def _read_tensor(file: str, name: str) -> np.ndarray:
+  return models.read_tensor(file, name).copy()    # a copy: nothing keeps the file's bytes alive
 
 
 class CheckpointReader:
@@ -73,7 +61,7 @@ class CheckpointReader:
       with self._safe_open(file, framework="numpy") as f:
         return f.get_tensor(name)
     except (TypeError, KeyError, ValueError, RuntimeError):
-      return _read_raw(file, name)
+      return _read_tensor(file, name)
 
 
 class ShardWriter:

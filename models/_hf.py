@@ -353,8 +353,9 @@ def _np_dtype(dtype) -> np.dtype:
 _RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def _read_raw(file: str, name: str) -> np.ndarray:
-  """Reads one tensor from the file's header and bytes: for dtypes an older safetensors' numpy API lacks."""
+def read_tensor(file: str, name: str) -> np.ndarray:
+  """Reads one tensor of a safetensors file from its header and bytes (a read-only view of just those
+  bytes; bfloat16 and float8 as ml_dtypes), also for dtypes an older safetensors' numpy API lacks."""
   import ml_dtypes   # pylint: disable=g-import-not-at-top
   with open(file, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
@@ -395,7 +396,7 @@ class _Checkpoint(contextlib.ExitStack):
     try:
       return self._open[file].get_tensor(name)
     except (TypeError, KeyError, ValueError, RuntimeError):
-      return _read_raw(file, name)
+      return read_tensor(file, name)
 
 
 def _prefix_fix(names) -> Callable[[str], str]:

@@ -325,7 +325,7 @@ def test_raw_reader_agrees_with_safetensors(tmp_path):
   file = str(tmp_path / "model.safetensors")
   for name, x in load_file(file).items():
     assert x.dtype == jax.numpy.bfloat16
-    np.testing.assert_array_equal(_hf._read_raw(file, name), x)
+    np.testing.assert_array_equal(_hf.read_tensor(file, name), x)
 
 
 def test_bare_model_checkpoint_without_prefix(saved):
