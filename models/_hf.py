@@ -34,7 +34,7 @@ import json
 import os
 import re
 import struct
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -406,20 +406,50 @@ def _prefix_fix(names) -> Callable[[str], str]:
   return lambda n: n
 
 
-def load_hf(path: str, dtype=None) -> tuple[DecoderConfig, Params]:
+def is_classifier(hf_config: Mapping) -> bool:
+  """Whether config.json describes a `*ForSequenceClassification` checkpoint (a `score` head)."""
+  return any(str(a).endswith("ForSequenceClassification") for a in hf_config.get("architectures") or ())
+
+
+def _score_layout(cfg: DecoderConfig, hf: Mapping) -> list[tuple[str, str, tuple[int, ...]]]:
+  # transformers' PretrainedConfig: num_labels is len(id2label), 2 when config.json names none.
+  num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
+  rows = _layout(cfg.replace(tie_embeddings=True))     # the body; a classifier has no lm_head
+  return rows + [("lm_head/kernel", "score.weight", (num_labels, cfg.hidden_size))]
+
+
+def load_hf(path: str, dtype=None, *, head: str = "lm") -> tuple[DecoderConfig, Params]:
   """Reads a Hugging Face checkpoint directory (config.json + safetensors, single or sharded).
 
   Args:
     path: the directory.
     dtype: cast every tensor to this dtype; default: keep the checkpoint's dtype.
+    head: "lm" for a causal LM (`lm_head.weight` or tied embeddings); "score" for a
+      `*ForSequenceClassification` checkpoint such as a reward model: its `score.weight` [num_labels, D]
+      becomes the output layer (`lm_head/kernel` [D, num_labels], cfg untied), so `Decoder(cfg).apply`
+      gives [B, T, num_labels] scores per position. transformers reads them at the last token that is not
+      `pad_token_id` (`score_position`).
   Returns:
     (cfg, params): `param_dtype` of cfg is the weights' dtype; params are host numpy arrays laid out as
     `Decoder(cfg).init` lays them out (`jax.device_put` them with the shardings you want).
   Raises:
-    ValueError: an unsupported config, or a tensor missing, unexpected or of the wrong shape (named).
+    ValueError: an unsupported config, the wrong `head` for the checkpoint, or a tensor missing,
+      unexpected or of the wrong shape (named).
   """
   with open(os.path.join(path, "config.json")) as f:
-    cfg = config_from_hf(json.load(f))
+    hf = json.load(f)
+  cfg = config_from_hf(hf)
+  if head not in ("lm", "score"):
+    raise ValueError(f"head={head!r}: expected 'lm' or 'score'")
+  arch = ", ".join(hf.get("architectures") or ()) or "causal LM"
+  if head == "lm" and is_classifier(hf):
+    raise ValueError(f"{path} is a {arch} checkpoint (a `score` head, no language-model head); "
+                     "load it with head='score' (e.g. as a reward model)")
+  if head == "score" and not is_classifier(hf):
+    raise ValueError(f"head='score' needs a *ForSequenceClassification checkpoint; {path} is {arch}")
+  layout = _score_layout(cfg, hf) if head == "score" else _layout(cfg)
+  if head == "score":
+    cfg = cfg.replace(tie_embeddings=False)
   want = _np_dtype(dtype)
   params: dict = {}
   with _Checkpoint(path) as ckpt:
@@ -439,7 +469,7 @@ def load_hf(path: str, dtype=None) -> tuple[DecoderConfig, Params]:
         raise ValueError(f"tensor {name} has shape {tuple(x.shape)}, config.json implies {shape}")
       return x if want is None else x.astype(want)
 
-    for ours, name, shape in _layout(cfg):
+    for ours, name, shape in layout:
       if "{i}" in name:
         rows = [read(name.format(i=i), shape) for i in range(cfg.num_layers)]
         value = None if any(r is None for r in rows) else np.stack([_hf_to_ours(ours, r) for r in rows])
@@ -459,6 +489,16 @@ def load_hf(path: str, dtype=None) -> tuple[DecoderConfig, Params]:
                        f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
   cfg = cfg.replace(param_dtype=str(params["embed"]["embedding"].dtype))
   return cfg, params
+
+
+def score_position(tokens: Sequence[int], pad_id: Optional[int]) -> int:
+  """Where transformers' sequence-classification heads read the score: the last token that is not
+  `pad_token_id` (so a sequence ending in a pad token that doubles as eos is read before it), the last
+  token when the config names no pad token."""
+  if pad_id is None:
+    return len(tokens) - 1
+  idx = [i for i, t in enumerate(tokens) if int(t) != int(pad_id)]
+  return idx[-1] if idx else 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,13 +19,16 @@ response than for the reference's. Judges score (prompt, response) -> float:
                     tokenizer). The sequence is `data.encode_prompt(prompt) + encode(response) + [eos]`.
                     With a scalar head (`reward_head.npz` in DIR: `weight` [hidden], optional `bias` []),
                     the score is weight . h + bias, h the model's final normed hidden state at the last
-                    token (as transformers' sequence-classification heads read the last token). Without
-                    one, the score is the mean log-probability per token of `response + eos` given the
-                    prompt under that model (a language model as judge).
+                    token. A Hugging Face `*ForSequenceClassification` checkpoint (num_labels=1, e.g. a
+                    reward model trained with TRL's RewardTrainer) scores with its own `score` head, read
+                    where transformers reads it: the last token that is not the config's
+                    `pad_token_id`. Without a head, the score is the mean log-probability per token of
+                    `response + eos` given the prompt under that model (a language model as judge).
 """
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from typing import Callable, Sequence
 
@@ -125,22 +128,41 @@ def _hidden_at(model, params, tokens, seg, last):
   return jnp.take_along_axis(hidden.astype(jnp.float32), last[:, None, None], axis=1)[:, 0]
 
 
+def _score_at(model, params, tokens, seg, last):
+  scores = model.apply(params, tokens, None, seg)     # [B, T, 1]: the score head is the output layer
+  return jnp.take_along_axis(scores.astype(jnp.float32), last[:, None, None], axis=1)[:, 0, 0]
+
+
 _hidden_at_jit = jax.jit(_hidden_at, static_argnums=0)
+_score_at_jit = jax.jit(_score_at, static_argnums=0)
 
 
 class RewardModel:
   """A judge from a project workdir or an HF checkpoint directory (see the module docstring)."""
 
   def __init__(self, path: str, batch_size: int = 16, max_len: int = 2048):
+    self.classifier, self.pad_id = False, None
     if os.path.exists(os.path.join(path, build.CONFIG_FILE)) and os.path.isdir(os.path.join(path, "checkpoints")):
       _, self.model, self.params, self.tokenizer = build.load_trained(path)
     else:
-      cfg, params = models.load_hf(path)
+      with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+      self.classifier = models.is_classifier(hf)
+      cfg, params = models.load_hf(path, head="score" if self.classifier else "lm")
+      if self.classifier:
+        labels = params["lm_head"]["kernel"].shape[1]
+        if labels != 1:
+          raise ValueError(f"reward model {path}: its score head has {labels} labels; a judge reads one "
+                           "score per sequence (num_labels=1)")
+        self.pad_id = hf.get("pad_token_id")
       self.model, self.params = models.Decoder(cfg), jax.tree.map(jnp.asarray, params)
       self.tokenizer = data_lib.load_tokenizer(path)
     head = os.path.join(path, HEAD_FILE)
     self.head = None
     if os.path.exists(head):
+      if self.classifier:
+        raise ValueError(f"{path} holds both a sequence-classification `score` head and {HEAD_FILE}; "
+                         "remove one")
       with np.load(head) as f:
         self.head = (np.asarray(f["weight"], np.float32).reshape(-1),
                      float(f["bias"]) if "bias" in f.files else 0.0)
@@ -153,11 +175,10 @@ class RewardModel:
 
   def __call__(self, prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
     pairs = [self._pair(p, t) for p, t in zip(prompts, texts)]
-    if self.head is None:
+    if self.head is None and not self.classifier:
       lls, _ = loglik.loglikelihoods(self.model, self.params, pairs, batch_size=self.batch_size,
                                      max_len=self.max_len, pad_id=self.tokenizer.pad_id)
       return lls / np.array([len(c) for _, c in pairs], np.float32)
-    weight, bias = self.head
     out = []
     for s in range(0, len(pairs), self.batch_size):
       seqs = [(c + r)[-self.max_len:] for c, r in pairs[s:s + self.batch_size]]
@@ -166,8 +187,12 @@ class RewardModel:
       seg = np.zeros((self.batch_size, T), np.int32)
       last = np.zeros((self.batch_size,), np.int32)
       for i, x in enumerate(seqs):
-        tokens[i, :len(x)], seg[i, :len(x)], last[i] = x, 1, len(x) - 1
-      h = np.asarray(_hidden_at_jit(self.model, self.params, jnp.asarray(tokens), jnp.asarray(seg),
-                                    jnp.asarray(last)))[:len(seqs)]
-      out.append(h @ weight + bias)
+        tokens[i, :len(x)], seg[i, :len(x)] = x, 1
+        last[i] = models.score_position(x, self.pad_id) if self.classifier else len(x) - 1
+      args = (self.model, self.params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(last))
+      if self.classifier:
+        out.append(np.asarray(_score_at_jit(*args))[:len(seqs)])
+      else:
+        weight, bias = self.head
+        out.append(np.asarray(_hidden_at_jit(*args))[:len(seqs)] @ weight + bias)
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
