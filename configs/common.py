@@ -110,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.target_delimiter = " "           # put before each choice (lm-eval's default)
   c.eval.gen_template = "Question: {question}\nAnswer:"  # prompt of gen records without prompt
   c.eval.until = "Question:"              # generations are cut at the first of these ("|"-separated)
+  c.eval.apply_chat_template = False      # mc/gen prompts as a user turn of the chat template (lm-eval's flag)
   c.eval.answer_regex = ""                # a further extraction regex (first match, group 1): regex_match
   c.eval.max_len = 2048                   # tokens of a scored sequence (left-truncated beyond)
   c.eval.win_rate = False                 # win rate vs the reference on the held-out prompts of the data

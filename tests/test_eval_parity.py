@@ -62,3 +62,20 @@ def test_multiple_choice_equals_lm_eval(checkpoint):
   np.testing.assert_array_equal([o["acc_norm"] for o in ours], ref["acc_norm"])
   assert metrics["acc"] == pytest.approx(float(ref["acc_mean"]))
   assert metrics["acc_norm"] == pytest.approx(float(ref["acc_norm_mean"]))
+
+
+def test_multiple_choice_with_chat_template_equals_lm_eval(checkpoint):
+  """lm-eval's --apply_chat_template: the context as one user turn with the generation prompt, choices
+  with no delimiter; the log-likelihoods of the chat-wrapped requests equal ours."""
+  model_dir, task, tok, _ = checkpoint
+  ref = refenv.run("lmeval_mc", model_dir=model_dir, task_file=task, vocab_size=tok.vocab_size, chat=1)
+  cfg, params = models.load_hf(model_dir)
+  ec = ml_collections.ConfigDict(dict(batch_size=4, mc_template="{question}", target_delimiter=" ", max_len=256,
+                                      apply_chat_template=True))
+  metrics, per_doc = eval_tasks.run_mc(models.Decoder(cfg), params, tok, eval_tasks.read_jsonl(task), ec, where=task)
+  lls = np.concatenate([np.asarray(l) for l, _ in per_doc])
+  np.testing.assert_allclose(lls, ref["lls"], rtol=1e-4, atol=1e-5)
+  assert metrics["acc"] == pytest.approx(float(ref["acc_mean"]))
+  plain = eval_tasks.run_mc(models.Decoder(cfg), params, tok, eval_tasks.read_jsonl(task),
+                            ml_collections.ConfigDict({**ec.to_dict(), "apply_chat_template": False}), where=task)[1]
+  assert not np.allclose(lls, np.concatenate([np.asarray(l) for l, _ in plain]))   # the template matters

@@ -20,6 +20,9 @@ are reported as `NAME/metric` with NAME the file's stem. One JSON record a line:
           the prompt is `config.eval.gen_template` ("Question: {question}\\nAnswer:"), greedy decoding up to
           `max_new_tokens` or a stop token (`data.stop_ids`), cut at the first `config.eval.until` string;
           strict_match / flexible_extract (lm-eval's gsm8k filters) and regex_match (`eval.answer_regex`).
+    `config.eval.apply_chat_template=True` (lm-eval's `--apply_chat_template`): the mc context and the gen
+          prompt become one user turn of the checkpoint's chat template with its generation prompt, and mc
+          choices follow it with no delimiter (as lm-eval 0.4 does).
     ppl   {"text": "..."}   token_perplexity, word_perplexity, byte_perplexity, bits_per_byte over all
           documents (lm-eval's `loglikelihood_rolling` windows of `eval.max_len` tokens; words split on
           whitespace).
@@ -130,11 +133,25 @@ def mc_scores(lls: Sequence[float], choices: Sequence[str], gold: int) -> dict:
           "acc_bytes": float(np.argmax(lls / nbytes) == gold)}
 
 
+def chat_wrap(tokenizer, text: str) -> str:
+  """`text` as one user turn of the checkpoint's chat template, with the generation prompt (lm-eval's
+  `--apply_chat_template` without few-shot turns or a system instruction)."""
+  try:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+  except (AttributeError, ValueError) as e:
+    raise ValueError(f"eval.apply_chat_template=True needs a tokenizer with a chat template ({e})") from None
+
+
 def run_mc(model, params, tokenizer, records, ec, mesh=None, where: str = "") -> tuple[dict, list]:
   """Metrics (means over documents) and per-document [(lls, is_greedy)]."""
   docs = [mc_doc(r, ec.get("mc_template", "Question: {question}\nAnswer:"), f"{where}:{i + 1}")
           for i, r in enumerate(records)]
   delim = ec.get("target_delimiter", " ")
+  if ec.get("apply_chat_template", False):
+    # lm-eval 0.4: a chat-wrapped context ends with the assistant header, so the choice follows it with no
+    # delimiter.
+    docs = [(chat_wrap(tokenizer, ctx), choices, gold) for ctx, choices, gold in docs]
+    delim = ""
   pairs = [loglik.encode_pair(tokenizer, ctx, delim + c) for ctx, choices, _ in docs for c in choices]
   lls, greedy = loglik.loglikelihoods(model, params, pairs, batch_size=ec.batch_size,
                                       max_len=ec.get("max_len", 2048), mesh=mesh, pad_id=tokenizer.pad_id)
@@ -184,7 +201,10 @@ def run_gen(model, params, tokenizer, records, ec, where: str = "") -> tuple[dic
   docs = [gen_doc(r, ec.get("gen_template", "Question: {question}\nAnswer:"), f"{where}:{i + 1}")
           for i, r in enumerate(records)]
   until = [u for u in (ec.get("until", "Question:") or "").split("|") if u]
-  texts = generate_texts(model, params, tokenizer, [p for p, _ in docs], ec, until)
+  prompts = [p for p, _ in docs]
+  if ec.get("apply_chat_template", False):
+    prompts = [chat_wrap(tokenizer, p) for p in prompts]
+  texts = generate_texts(model, params, tokenizer, prompts, ec, until)
   rules = answers.rules(ec.get("answer_regex") or None)
   sums = {name: 0.0 for name in rules}
   for (_, gold), text in zip(docs, texts):

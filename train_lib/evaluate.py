@@ -72,9 +72,9 @@ def exact_match(config, model, params, tokenizer) -> float:
   return correct / len(examples)
 
 
-def _prompt_text(tokenizer, record: dict, where: str) -> str:
+def _prompt_text(tokenizer, record: dict, where: str, chat: bool = False) -> str:
   if isinstance(record.get("prompt"), str):
-    return record["prompt"]
+    return eval_tasks.chat_wrap(tokenizer, record["prompt"]) if chat else record["prompt"]
   if isinstance(record.get("messages"), list):
     return tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True)
   raise ValueError(f"{where}: a win-rate record needs 'prompt' (text) or 'messages'")
@@ -115,7 +115,8 @@ def run_tasks(config, model, params, tokenizer, mesh=None, reference=None) -> di
     elif kind == "pref":
       m = judges.preference_metrics(config, model, params, ref(), tokenizer, path, limit)
     else:   # winrate
-      prompts = [_prompt_text(tokenizer, r, f"{path}:{i + 1}") for i, r in enumerate(records)]
+      prompts = [_prompt_text(tokenizer, r, f"{path}:{i + 1}", ec.get("apply_chat_template", False))
+                 for i, r in enumerate(records)]
       golds = {p: str(r["answer"]) for p, r in zip(prompts, records) if "answer" in r}
       check = (lambda p, t: p in golds and t.strip() == golds[p].strip()) if golds else None
       m = win_rate(config, model, params, ref(), tokenizer, prompts,

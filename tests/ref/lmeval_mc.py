@@ -1,11 +1,11 @@
 """Multiple-choice log-likelihoods, acc and acc_norm from lm-evaluation-harness (runs in .venv-ref).
 
-    lmeval_mc.py IN.npz OUT.npz --model_dir=DIR --task_file=F.jsonl --vocab_size=N [--make=llama]
+    lmeval_mc.py IN.npz OUT.npz --model_dir=DIR --task_file=F.jsonl --vocab_size=N [--make=llama] [--chat=1]
 
 With --make, first writes a tiny random HF model of that `hf_make_model` spec with `vocab_size` N into DIR
 (which already holds the tokenizer). Then runs `lm_eval.simple_evaluate` with model "hf" (float32, CPU)
 on a task defined by a YAML over the local JSONL (doc_to_text: question, doc_to_choice: choices,
-doc_to_target: gold, target_delimiter " "), with log_samples. OUT: `lls` [all choices of all docs, in order]
+doc_to_target: gold, target_delimiter " "), with log_samples; --chat=1 passes apply_chat_template=True. OUT: `lls` [all choices of all docs, in order]
 (per-example log-likelihoods), `greedy` (is_greedy), `acc`, `acc_norm` [docs] per document, `acc_mean`, `acc_norm_mean`.
 """
 import os
@@ -50,7 +50,7 @@ def main():
     res = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={kw['model_dir']},dtype=float32", tasks=["tiny_mc"],
         task_manager=TaskManager(include_path=tmp), device="cpu", batch_size=4, log_samples=True,
-        num_fewshot=0)
+        num_fewshot=0, apply_chat_template=bool(int(kw.get("chat", "0"))))
   samples = sorted(res["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
   lls = np.array([float(r[0][0]) for s in samples for r in s["resps"]])
   greedy = np.array([bool(r[0][1]) for s in samples for r in s["resps"]])
