@@ -421,3 +421,23 @@ def test_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   with pytest.raises(ckpt_lib.WorkdirError, match=r"no intact checkpoint in .*checkpoints: step 8 at .*; step 4 at"):
     ck.restore_latest(abstract)
   ck.close()
+
+
+def test_tensorboard_flush_puts_every_scalar_on_disk_before_a_kill(tmp_path):
+  """A kill right after `flush()` (as after a checkpoint) loses no scalar, and a resumed writer's purge
+  step discards what the killed one logged after it (tensorboardX's own flush left queued events to a
+  thread: the chaos test once missed the final step)."""
+  code = ("import os, sys; sys.path.insert(0, os.getcwd()); from train_lib import metrics as m\n"
+          f"w = m.MetricWriter({str(tmp_path)!r})\n"
+          "for s in range(1, 201): w.write(s, {'loss': float(s), 'lr': 0.5})\n"
+          "w.flush(); os._exit(9)\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert r.returncode == 9
+  from tests.test_chaos import tensorboard_scalars
+  got = tensorboard_scalars(str(tmp_path / "tensorboard"))
+  assert sorted(got["loss"]) == list(range(1, 201)) and got["loss"][200] == 200.0
+  w = metrics_lib.MetricWriter(str(tmp_path), start_step=150, resume_offset=None)
+  w.write(160, {"loss": -1.0})
+  w.close()
+  got = tensorboard_scalars(str(tmp_path / "tensorboard"))
+  assert sorted(got["loss"]) == list(range(1, 151)) + [160] and got["loss"][160] == -1.0

@@ -31,9 +31,7 @@ class MetricWriter:
       if os.path.exists(self.path) and os.path.getsize(self.path) > resume_offset:
         with open(self.path, "r+b") as f:
           f.truncate(resume_offset)
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=start_step + 1 if start_step else 0)
+      self._tb = EventFile(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:
@@ -54,6 +52,39 @@ class MetricWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+class EventFile:
+  """TensorBoard scalars written in the calling thread, so that `flush()` puts every one on disk.
+
+  tensorboardX's SummaryWriter hands events to a background thread through a queue, and its `flush()` does
+  not wait for that queue: scalars logged before a checkpoint could still be lost by a kill after it, and
+  the resumed run (whose `purge_step` is the checkpoint's step + 1) would not write them again. The file
+  format is tensorboardX's; `purge_step` writes the SessionLog START event SummaryWriter writes.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    from tensorboardX.event_file_writer import EventsWriter   # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2                  # pylint: disable=g-import-not-at-top
+    os.makedirs(logdir, exist_ok=True)
+    self._pb = event_pb2
+    # The name holds whole seconds; the fraction (zero-padded, so names sort in time) and the pid keep two
+    # writers started within one second from truncating each other's file.
+    suffix = f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
+    self._writer = EventsWriter(os.path.join(logdir, "events"), filename_suffix=suffix)
+    if purge_step is not None:
+      self._writer.write_event(event_pb2.Event(step=purge_step, wall_time=time.time(),
+                                               session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def add_scalar(self, tag: str, value: float, step: int):
+    from tensorboardX import summary   # pylint: disable=g-import-not-at-top
+    self._writer.write_event(self._pb.Event(step=int(step), wall_time=time.time(), summary=summary.scalar(tag, value)))
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
 
 
 def _intact_size(path: str) -> int:
