@@ -256,3 +256,20 @@ def test_dpo_with_a_soup_reference_of_two_sft_runs(tmp_path):
     np.testing.assert_allclose(before[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
   reward_keys = [k for k in by_hand if "reward" in k and "accurac" not in k]
   assert reward_keys and any(abs(start[k] - by_hand[k]) > 1e-4 for k in reward_keys)   # the reference matters
+
+
+@pytest.mark.parity
+def test_mergekit_yaml_equals_mergekit_itself(hf_dirs, tmp_path):
+  """The same YAML run by mergekit 0.1.5 (`run_merge`, reference environment) and by the merge task."""
+  from tests import refenv  # pylint: disable=g-import-not-at-top
+  refenv.require()
+  (b, m1, m2), _ = hf_dirs
+  yml = tmp_path / "merge.yml"
+  yml.write_text(_YAML.format(base=b, m1=m1, m2=m2))
+  refenv.run("mergekit_yaml", yaml=str(yml), out_dir=str(tmp_path / "mergekit"))
+  want = models.load_hf(str(tmp_path / "mergekit"))[1]
+  got, _ = _run(tmp_path / "ours", mergekit_yaml=str(yml))
+  _close(got, want, rtol=1e-5, atol=2e-7)
+  base = models.load_hf(b)[1]
+  moved = merging.flatten(jax.tree.map(lambda x, y: np.abs(np.asarray(x) - np.asarray(y)).max(), want, base))
+  assert max(moved.values()) > 1e-3          # the merge changed the weights (not base == base)
