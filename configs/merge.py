@@ -16,10 +16,16 @@ r"""Merges models into one Hugging Face directory (the `merge` task, train_lib/m
     python main.py --config=configs/merge.py --config.method=linear --config.models=A,B \
         --config.rectify_embed=True --workdir=OUT
 
+    # Fisher merging: each model's diagonal Fisher (labels sampled from the model) on calibration data
+    python main.py --config=configs/merge.py --config.method=fisher --config.models=RUN1,RUN2 \
+        --config.data.source=jsonl --config.data.path=calib.jsonl --config.calibration.num_batches=16 --workdir=OUT
+
 OUT receives config.json, safetensors, the base's tokenizer files and merge.json (what was merged, how).
 `merging.names()` lists the methods; merging/README.md their parameters and defaults.
 """
 import ml_collections
+
+import data
 
 
 def get_config(arg=None):
@@ -36,4 +42,9 @@ def get_config(arg=None):
   c.model_type = ""           # config.json dialect (llama | mistral | qwen2 | gemma); "" = the base's or llama
   c.rectify_embed = False     # different vocabulary sizes: keep the first min(V) rows instead of refusing
   c.streaming = True          # stream tensor by tensor when every input is an HF directory and the method allows
+  # Per-model tensors a method estimates from data (Fisher merging's diagonal Fisher): batches of `data`
+  # (any data option; its tokenizer, else the models'), the same batches for every model.
+  c.data = data.default_config()
+  c.data.task = "sort"
+  c.calibration = ml_collections.ConfigDict(dict(num_batches=8, batch_size=4, seq_len=128))
   return c

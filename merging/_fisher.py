@@ -58,7 +58,8 @@ def fisher_diagonal(log_prob_fn: Callable, params, batches: Iterable, rng: jax.A
   return jax.tree_util.tree_map(lambda t: t / n, total)
 
 
-@register_merge("fisher", base="unused", per_model=("weight",), tensor_params=("fisher",))
+@register_merge("fisher", base="unused", per_model=("weight",), tensor_params=("fisher",),
+                estimators={"fisher": fisher_diagonal})
 def fisher(base, models, *, fisher, weight=1.0, floor: float = 1e-6, favor_target_model: bool = True,
            key=None, row_axis=-1):
   """Fisher-weighted average; `fisher` is one diagonal-Fisher tree per model (module docstring)."""

@@ -30,7 +30,7 @@ import inspect
 import re
 import zlib
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,16 @@ class MergeMethod:
   per_model: tuple[str, ...] = ()       # parameters with one value per model
   tensor_params: tuple[str, ...] = ()   # per-model parameter trees sliced like the weights (Fisher)
   jit: bool = True                      # compile the kernel for large tensors (parameters static)
+  # How the merge task computes each tensor parameter from a model: name -> fn(log_prob_fn, params,
+  # batches, rng) -> tree like params (e.g. the diagonal Fisher from labels sampled by the model).
+  estimators: tuple[tuple[str, Callable], ...] = ()
+
+  def estimator(self, name: str) -> Callable:
+    found = dict(self.estimators).get(name)
+    if found is None:
+      raise ValueError(f"{self.name}: no estimator registered for its per-model tensors {name!r}; call "
+                       f"merging.{self.name} from Python with them")
+    return found
 
   @property
   def defaults(self) -> dict[str, Any]:
@@ -202,7 +212,7 @@ def _jitted(fn, static):
 
 def register_merge(name: str, *, kind: str = "tensor", base: str = "required",
                    per_model: tuple[str, ...] = ("weight",), tensor_params: tuple[str, ...] = (),
-                   jit: bool = True):
+                   jit: bool = True, estimators: Mapping[str, Callable] | None = None):
   """Decorator: registers `fn` under `name` and returns the callable `MergeMethod`."""
   if kind not in ("tensor", "model", "lora") or base not in ("required", "optional", "unused"):
     raise ValueError(f"{name}: bad kind {kind!r} or base policy {base!r}")
@@ -210,7 +220,8 @@ def register_merge(name: str, *, kind: str = "tensor", base: str = "required",
   def wrap(fn):
     if name in _METHODS:
       raise ValueError(f"merge method {name!r} is already registered")
-    method = MergeMethod(name, fn, kind, base, tuple(per_model), tuple(tensor_params), jit)
+    method = MergeMethod(name, fn, kind, base, tuple(per_model), tuple(tensor_params), jit,
+                         tuple(sorted((estimators or {}).items())))
     object.__setattr__(method, "__doc__", fn.__doc__)
     _METHODS[name] = method
     return method

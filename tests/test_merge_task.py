@@ -48,7 +48,10 @@ def _close(a, b, rtol=1e-6, atol=1e-6):
 def _run(out, **kw):
   c = merge_config.get_config()
   for k, v in kw.items():
-    c[k] = json.dumps(v) if k == "params" and not isinstance(v, str) else v
+    if isinstance(v, dict) and k != "params":
+      c[k].update(v)
+    else:
+      c[k] = json.dumps(v) if k == "params" and not isinstance(v, str) else v
   train_lib.run_task(c, str(out))
   with open(os.path.join(out, "merge.json")) as f:
     return models.load_hf(str(out))[1], json.load(f)
@@ -273,3 +276,33 @@ def test_mergekit_yaml_equals_mergekit_itself(hf_dirs, tmp_path):
   base = models.load_hf(b)[1]
   moved = merging.flatten(jax.tree.map(lambda x, y: np.abs(np.asarray(x) - np.asarray(y)).max(), want, base))
   assert max(moved.values()) > 1e-3          # the merge changed the weights (not base == base)
+
+
+def test_fisher_merge_task_estimates_each_models_fisher_on_the_calibration_data(hf_dirs, tmp_path):
+  """method=fisher from the command line: each model's diagonal Fisher on the same calibration batches
+  (labels sampled from the model, model i with key fold_in(seed key, i)), then the Fisher-weighted mean."""
+  import data  # pylint: disable=g-import-not-at-top
+  (_, m1, m2), (_, ft1, ft2) = hf_dirs
+  got, rec = _run(tmp_path / "fisher", method="fisher", models=f"{m1},{m2}",
+                  calibration={"num_batches": 2, "batch_size": 2, "seq_len": 32})
+  assert not rec["streaming"]
+  cfg = models.DecoderConfig.tiny(vocab_size=256)
+  model = models.Decoder(cfg)
+  dcfg = merge_config.get_config().data
+  it = iter(data.get_dataset(dcfg, "train", tokenizer=data.get_tokenizer(dcfg), batch_size=2, seq_len=32, seed=0))
+  batches = [{k: jnp.asarray(b[k]) for k in ("inputs", "positions", "segment_ids", "loss_mask")}
+             for b in (next(it), next(it))]
+
+  def log_prob(params, batch, rng):          # written out here: log p of labels the model samples itself
+    logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    y = jax.random.categorical(rng, logits.astype(jnp.float32))
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return (jnp.take_along_axis(lp, y[..., None], -1)[..., 0] * batch["loss_mask"]).sum(-1)
+
+  fishers = [merging.fisher_diagonal(log_prob, jax.tree.map(jnp.asarray, t), batches,
+                                     jax.random.fold_in(jax.random.PRNGKey(0), i)) for i, t in enumerate((ft1, ft2))]
+  want = merging.fisher(None, [ft1, ft2], fisher=fishers)
+  _close(got, want, rtol=1e-5, atol=1e-6)
+  avg = merging.linear(None, [ft1, ft2])
+  diff = merging.flatten(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), got, avg))
+  assert max(diff.values()) > 1e-4            # precision weighting is not the plain average

@@ -309,9 +309,8 @@ def merge(config, workdir: str) -> str:
     raise ValueError("config.models is empty: give the directories to merge, comma-separated")
   if method.base == "required" and not base_dir:
     raise ValueError(f"{method.name} needs a base: set config.base (or base_model in the YAML)")
-  if method.tensor_params:
-    raise ValueError(f"{method.name} needs per-model tensors {method.tensor_params}; call merging."
-                     f"{method.name} from Python")
+  for name in method.tensor_params:       # fail before loading anything
+    method.estimator(name)
   seed = int(config.get("seed", 0))
   kinds = [input_kind(d) for d in names]
   base_kind = input_kind(base_dir) if base_dir else None
@@ -319,7 +318,7 @@ def merge(config, workdir: str) -> str:
   record = {"method": method.name, "base": base_dir, "models": names, "kinds": kinds, "seed": seed}
 
   streams = (method.kind == "tensor" and all(k == "hf" for k in kinds) and base_kind in (None, "hf")
-             and not inp["dtype"] and config.get("streaming", True))
+             and not inp["dtype"] and config.get("streaming", True) and not method.tensor_params)
   if streams:
     ref_dir = base_dir if base_dir and method.base != "unused" else names[0]
     vocab = set()
@@ -388,10 +387,56 @@ def _merge_in_memory(config, inp, method, names, kinds, base_dir, base_kind, see
     ref_cfg = base_cfg if base_cfg is not None else cfgs[0]
     cfg = ref_cfg.replace(vocab_size=int(np.shape(trees[0]["embed"]["embedding"])[0]))
     params = _params_for(inp, sorted(merging.flatten(trees[0])))
+    if method.tensor_params:
+      tok_src = base_dir if base_dir else next((d for d, k in zip(names, kinds) if k != "adapter"), None)
+      params.update(estimate_tensor_params(config, method, ref_cfg, trees, tok_src, seed))
     merged = method(base if use_base else None, trees, seed=seed, **params)
   models.save_hf(workdir, cfg, jax.device_get(merged), model_type=config.get("model_type") or model_type or "llama",
                  dtype=inp["dtype"] or None)
   return {"params": _jsonable(params)}
+
+
+def sampled_log_prob(model):
+  """(params, batch, rng) -> [B]: log p(y|x) summed over the batch's loss positions, each label y sampled
+  from the model's own next-token distribution given the data's prefix (so that E[(grad)^2] is the
+  model's Fisher, not the empirical Fisher of the data's labels)."""
+  def fn(params, batch, rng):
+    logits = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
+    y = jax.lax.stop_gradient(jax.random.categorical(rng, logits))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
+    return jnp.sum(logp * batch["loss_mask"], axis=-1)
+  return fn
+
+
+def calibration_batches(config, tok_src: Optional[str]) -> list[dict]:
+  """`config.calibration.num_batches` batches of `config.data` (its tokenizer, else the models')."""
+  import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = config.calibration
+  if config.data.get("tokenizer") or config.data.get("source", "builtin") == "builtin":
+    tok = data_lib.get_tokenizer(config.data)
+  else:
+    found = tokenizer_dir(tok_src) if tok_src else None
+    if found is None:
+      raise ValueError("the calibration data needs a tokenizer: set config.data.tokenizer (no tokenizer "
+                       "files beside the models)")
+    tok = data_lib.load_tokenizer(found)
+  ds = data_lib.get_dataset(config.data, "train", tokenizer=tok, batch_size=int(c.batch_size),
+                            seq_len=int(c.seq_len), seed=int(config.get("seed", 0)))
+  it = iter(ds)
+  keys = ("inputs", "positions", "segment_ids", "loss_mask")
+  return [{k: jnp.asarray(b[k]) for k in keys} for b in (next(it) for _ in range(int(c.num_batches)))]
+
+
+def estimate_tensor_params(config, method, cfg, trees, tok_src, seed) -> dict:
+  """The per-model tensors `method` needs (its registered estimators), each model on the same batches."""
+  batches = calibration_batches(config, tok_src)
+  fn = sampled_log_prob(models.Decoder(cfg))
+  out = {}
+  for name in method.tensor_params:
+    estimate = method.estimator(name)
+    out[name] = [estimate(fn, jax.tree.map(jnp.asarray, t), batches,
+                          jax.random.fold_in(jax.random.PRNGKey(seed), i)) for i, t in enumerate(trees)]
+  return out
 
 
 def _hf_config(path: str) -> dict:
