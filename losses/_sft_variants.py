@@ -44,7 +44,9 @@ preference of the target model over aligned models on the same SFT data):
     L_PoFT = mean_b mean_m  -log σ(β [log π_θ(y|x) - log π_aligned_m(y|x)])
 
 `batch["aligned_logps"]` [B, 1, M] holds the summed completion log-probs of M aligned models, precomputed
-once into the data (a data field like `ref_logps`; the built-in tasks do not carry it).
+once into the records by the `precompute` task (`configs/precompute.py`, once per aligned model with
+`append=True`) and read with `data.aligned_logps_field` (and `data.packing="none"`: one example per row).
+The mean is over the rows that hold a completion.
 
 Confidence-limited CE (*Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves
 Mathematical Reasoning*, Chen et al., arXiv 2502.07154). The paper's exact objective is UNVERIFIED here; two
@@ -144,9 +146,14 @@ def poft_loss(policy, reference, batch, cfg):
                      "completion log-probs, precomputed into the data")
   aligned = batch["aligned_logps"].astype(jnp.float32)          # [B, 1, M]
   margin = cfg.get("beta", 0.1) * (policy["logps"][..., None] - aligned)
-  loss = -jax.nn.log_sigmoid(margin).mean()
-  return loss, {"poft/margin": margin.mean(), "poft/win_rate": (margin > 0).mean(),
-                "logps/policy": policy["logps"].mean(), "logps/aligned": aligned.mean()}
+  # Rows without a completion (the padding of a last eval batch) count for nothing.
+  w = jnp.broadcast_to((policy["lengths"] > 0)[..., None], margin.shape).astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  mean = lambda x: (x * w).sum() / n
+  loss = mean(-jax.nn.log_sigmoid(margin))
+  return loss, {"poft/margin": mean(margin), "poft/win_rate": mean((margin > 0).astype(jnp.float32)),
+                "logps/policy": mean(jnp.broadcast_to(policy["logps"][..., None], margin.shape)),
+                "logps/aligned": mean(aligned)}
 
 
 @register("conf_limited", kind="sft")
