@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.responses_field = "responses"    # listwise: a list of responses
   c.scores_field = "scores"          # listwise: one number per response, higher is better, ties allowed
   c.ranks_field = "ranks"            # listwise, read when a record has no scores: 1 = best; score = 1 - rank
+  c.aligned_logps_field = _ph(str)  # SFT records (PoFT): a field with the completion's log-probs under M
+                                     # aligned models (a list, or one number), precomputed by
+                                     # configs/precompute.py; needs packing="none" (one example per row)
   c.ref_logps_field = _ph(str)  # precomputed reference log-probs: a
                                      # field with one number per sequence, or "a,b" one field per sequence
   c.list_size = 4                    # listwise K: shorter lists are padded (list_mask), longer are invalid

@@ -55,6 +55,12 @@ def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int,
   train = _config.is_train(split) if train is None else train
   source = _config.make_source(cfg, split)
   encode = sft_encoder(cfg, tokenizer, _config.record_format(cfg, source), seq_len=seq_len)
+  if cfg.aligned_logps_field:
+    if cfg.packing != "none":
+      raise ValueError(f"aligned_logps_field needs packing='none' (one example per row), got {cfg.packing!r}")
+    encode_tokens = encode
+    encode = lambda record: _sft.AlignedExample(*encode_tokens(record),
+                                                _sft.aligned_logps(record, cfg.aligned_logps_field))
   examples, report = _sft.build_examples(source, _config.indices(cfg, source, split), encode,
                                          skip_invalid=cfg.skip_invalid)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0

@@ -76,7 +76,7 @@ def pack(examples: Sequence, rows: int, seq_len: int, *, mode: str = "first_fit"
   row, used = 0, 0                     # `row`: the open row of "greedy" / next row of "none"
   while True:
     try:
-      tokens, weights = examples[used]
+      tokens, weights = examples[used][:2]   # an Example may carry more fields; packing reads these two
     except IndexError:
       break
     n = len(tokens)

@@ -97,6 +97,13 @@ class SFTDataset:
       raise ValueError(f"unknown packing mode {packing!r}; valid: {', '.join(_packing.MODES)}")
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} is not divisible by process_count {process_count}")
+    sizes = {len(e.aligned_logps) if hasattr(e, "aligned_logps") else None for e in examples}
+    if len(sizes) > 1:
+      raise ValueError(f"examples carry aligned log-probs of different numbers of models {sorted(sizes, key=str)}")
+    self.num_aligned = sizes.pop()
+    if self.num_aligned is not None and packing != "none":
+      raise ValueError(f"aligned log-probs are per example (one row each): they need packing='none', got "
+                       f"{packing!r}")
     longest = max(len(e.tokens) for e in examples)
     if longest > seq_len:
       raise ValueError(f"an example has {longest} tokens > seq_len {seq_len}")
@@ -126,7 +133,12 @@ class SFTDataset:
     The hook a dataset with another batch layout overrides (`data._preference`); the stream, its state
     and the process slicing stay in `BatchIterator`.
     """
-    return _packing.pack(stream, self.batch_size, self.seq_len, mode=self.packing, pad_id=self.pad_id)
+    batch, used = _packing.pack(stream, self.batch_size, self.seq_len, mode=self.packing, pad_id=self.pad_id)
+    if self.num_aligned is not None:   # packing "none": example j of the stream is row j
+      batch["aligned_logps"] = np.zeros((self.batch_size, 1, self.num_aligned), np.float32)
+      for j in range(used):
+        batch["aligned_logps"][j, 0] = stream[j].aligned_logps
+    return batch, used
 
   def __iter__(self) -> BatchIterator:
     return BatchIterator(self)

@@ -43,6 +43,8 @@ Preference data maps one record to K such sequences (chosen/rejected or a list) 
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -50,12 +52,33 @@ import numpy as np
 from data._sources import DataError
 
 REASONS = ("bad_json", "bad_encoding", "empty_file", "wrong_type", "missing_field", "bad_messages", "empty_response", "unencodable",
-           "too_long", "empty_after_truncation")
+           "too_long", "empty_after_truncation", "bad_aligned_logps")
 
 
 class Example(NamedTuple):
   tokens: np.ndarray    # [n] int32: bos, prompt, response, eos
   weights: np.ndarray   # [n] float32: 1.0 where the token is a learned target (response, eos)
+
+
+class AlignedExample(NamedTuple):
+  """An `Example` (its first two fields) with `aligned_logps_field`'s numbers: the completion's summed
+  log-probs under M aligned models, precomputed into the record (`configs/precompute.py`); PoFT reads them
+  as batch["aligned_logps"] [B, 1, M]."""
+  tokens: np.ndarray
+  weights: np.ndarray
+  aligned_logps: np.ndarray   # [M] float32
+
+
+def aligned_logps(record: Any, field: str) -> np.ndarray:
+  """The record's precomputed aligned log-probs: a list of finite numbers (or one number)."""
+  value = record.get(field) if isinstance(record, dict) else None
+  if value is None:
+    raise DataError("missing_field", f"the record has no {field!r} (aligned_logps_field)")
+  values = list(value) if isinstance(value, (list, tuple)) else [value]
+  if not values or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in values):
+    raise DataError("bad_aligned_logps", f"{field!r} must hold one or more finite numbers, got {value!r}")
+  return np.asarray(values, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,6 +54,9 @@ class EsdConfig:
   xmin_pos: float = 2.0                 # median: xmin at 1/xmin_pos of the kept spectrum; must be > 1
   bins: int = 100                       # fix_finger: histogram bins of log10 lambda
   compat_fix_finger_bug: bool = False   # fix_finger: the references' log10 lower bound (parity runs only)
+  clip_xmax: bool = False               # WeightWatcher's fix_fingers='clip_xmax' (off, as there; _powerlaw)
+  max_fingers: int = 10                 # clip_xmax: clip up to max_fingers - 1 top eigenvalues
+  finger_thresh: float = 1.0            # clip_xmax: alpha must drop by more than this
   filter_zeros: bool = False            # keep only lambda > zero_thresh (WeightWatcher always does)
   zero_thresh: float = 1e-5             # absolute, like every reference
   eigs_thresh: int = 50                 # matrices with fewer eigenvalues (min side) are skipped
@@ -172,7 +175,9 @@ def fit_spectrum(lam, config: EsdConfig) -> dict:
   """Fit and metrics of one ascending spectrum [N]; numpy on the host or jax under jit."""
   m = _num_valid(lam, config)
   fit = fit_powerlaw(lam, mode=config.mode, xmin_pos=config.xmin_pos, num_valid=m, bins=config.bins,
-                     compat_fix_finger_bug=config.compat_fix_finger_bug, chunk=config.chunk)
+                     compat_fix_finger_bug=config.compat_fix_finger_bug, chunk=config.chunk,
+                     clip_xmax=config.clip_xmax, max_fingers=config.max_fingers,
+                     finger_thresh=config.finger_thresh)
   return dict(fit._asdict(), n_valid=m, **spectral_metrics(lam, fit.alpha, m))
 
 

@@ -20,6 +20,16 @@ fitted under different rules are not comparable:
                     references compare lambda with log10(0.95 p), so the lower bound almost never binds;
                     `compat_fix_finger_bug=True` reproduces that comparison.
 
+Fingers (`clip_xmax=True`; WeightWatcher `fix_fingers='clip_xmax'`, `RMT_Util.fit_clipped_powerlaw`, off
+by default as there). A few outlying top eigenvalues (a "finger" of the ESD, a finite-size effect) can
+inflate alpha. With F the fit of the whole kept spectrum, the fit is redone without the top c eigenvalues
+for c = 2, 3, ..., max_fingers - 1 (WeightWatcher starts at 2 and stops before max_fingers = 10); the first
+clipped fit with alpha_c + finger_thresh < alpha_F is kept (num_fingers = c - 1, WeightWatcher's count),
+and the search stops without a clip at the first alpha_c <= min_alpha (2.0). Each fit uses the `mode`'s
+xmin rule on the clipped spectrum (WeightWatcher's is goodness_of_fit). WeightWatcher 0.7.7 replaces any
+max_fingers below N/2 by 10, so its `max_fingers` option is in effect always 10 on real layers; ours is
+used as given.
+
 All alpha_i come in O(N) from suffix sums of ln lambda; the D_i of the scan cost O(N^2) and are evaluated
 in row chunks (`lax.map` under jit, a loop in numpy), so memory stays O(chunk * N).
 
@@ -44,7 +54,8 @@ class PowerLawFit(NamedTuple):
   xmin: jax.Array     # () lambda at the chosen xmin
   sigma: jax.Array    # () (alpha - 1) / sqrt(n_tail)
   index: jax.Array    # () int32, position of xmin in the ascending spectrum
-  n_tail: jax.Array   # () int32, N - index
+  n_tail: jax.Array   # () int32, N - index (N of the clipped spectrum with clip_xmax)
+  num_fingers: jax.Array  # () int32, clip_xmax: WeightWatcher's num_fingers (clipped eigenvalues - 1); else 0
 
 
 def _xp(x):
@@ -112,7 +123,8 @@ def finger_window(lam, valid, bins: int = 100, compat_fix_finger_bug: bool = Fal
 
 
 def fit_powerlaw(lam, *, mode: str = "median", xmin_pos: float = 2.0, num_valid=None, bins: int = 100,
-                 compat_fix_finger_bug: bool = False, chunk: int = 256) -> PowerLawFit:
+                 compat_fix_finger_bug: bool = False, chunk: int = 256, clip_xmax: bool = False,
+                 max_fingers: int = 10, finger_thresh: float = 1.0, min_alpha: float = 2.0) -> PowerLawFit:
   """Fits the tail of one ascending spectrum `lam` [N].
 
   Args:
@@ -122,9 +134,34 @@ def fit_powerlaw(lam, *, mode: str = "median", xmin_pos: float = 2.0, num_valid=
     num_valid: how many of the largest eigenvalues to keep (the zero filter); default all.
     bins, compat_fix_finger_bug: fix_finger mode only.
     chunk: rows of the O(N^2) KS scan evaluated at once.
+    clip_xmax, max_fingers, finger_thresh, min_alpha: WeightWatcher's finger clipping (module docstring).
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; valid: {MODES}")
+  kw = dict(mode=mode, xmin_pos=xmin_pos, bins=bins, compat_fix_finger_bug=compat_fix_finger_bug, chunk=chunk)
+  if clip_xmax:
+    return _fit_clipped(lam, num_valid, kw, max_fingers, finger_thresh, min_alpha)
+  return _fit_one(lam, num_valid=num_valid, **kw)
+
+
+def _fit_clipped(lam, num_valid, kw, max_fingers: int, finger_thresh: float, min_alpha: float) -> PowerLawFit:
+  """WeightWatcher's clip_xmax search, as a fixed sequence of fits (static shapes: jit-able)."""
+  xp = _xp(lam)
+  N = lam.shape[-1]
+  m = N if num_valid is None else num_valid
+  first = _fit_one(lam, num_valid=m, **kw)
+  best, done = first, xp.asarray(False)
+  for c in range(2, max_fingers):
+    if N - c < 2:
+      break
+    f = _fit_one(lam[:N - c], num_valid=m - c, **kw)._replace(num_fingers=xp.asarray(c - 1, xp.int32))
+    take = ~done & (m - c >= 2) & (f.alpha + finger_thresh < first.alpha)
+    best = PowerLawFit(*[xp.where(take, a, b) for a, b in zip(f, best)])
+    done = done | take | (f.alpha <= min_alpha)
+  return best
+
+
+def _fit_one(lam, *, mode, xmin_pos, num_valid, bins, compat_fix_finger_bug, chunk) -> PowerLawFit:
   xp = _xp(lam)
   N = lam.shape[-1]
   idx = xp.arange(N)
@@ -152,7 +189,8 @@ def fit_powerlaw(lam, *, mode: str = "median", xmin_pos: float = 2.0, num_valid=
     n_tail = N - best
     alpha = xp.where(found, alpha, xp.nan)
     sigma = (alpha - 1.0) / xp.sqrt(xp.asarray(n_tail, lam.dtype))
-  return PowerLawFit(alpha, D, lam[best], sigma, xp.asarray(best, xp.int32), xp.asarray(n_tail, xp.int32))
+  return PowerLawFit(alpha, D, lam[best], sigma, xp.asarray(best, xp.int32), xp.asarray(n_tail, xp.int32),
+                     xp.asarray(0, xp.int32))
 
 
 def spectral_metrics(lam, alpha, num_valid: Optional[int] = None) -> dict:

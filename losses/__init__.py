@@ -8,7 +8,8 @@ from losses._registry import NEEDS, LossEntry, LossParams, Outputs, get, names, 
 from losses._outputs import model_outputs
 from losses import _sft  # noqa: F401  (registers nll)
 from losses._sft import masked_mean, nll_loss
-from losses._sft_variants import asft_loss, conf_limited_loss, dft_loss, poft_loss, token_kl
+from losses._sft_variants import (aligned_sft_loss, anchored_sft_loss, conf_limited_loss, dft_loss, poft_loss,
+                                  token_kl)
 from losses._dpo import LOSS_TYPES as DPO_LOSS_TYPES, dpo_loss, f_divergence_scores
 from losses._pairwise_ref_free import cpo_loss, orpo_loss, simpo_loss
 from losses._unpaired import bco_loss, bco_reward_shift, kto_loss

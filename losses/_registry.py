@@ -15,7 +15,7 @@ trainer computes only those):
     embeddings   [B, K, D]     mean of the final hidden states over completion tokens         "embeddings"
     prompt_embeddings [B, K, D]  mean over prompt tokens (mask==0, segment!=0)                "embeddings"
     last_logits  [B, K, V]     logits at the last completion token (log_softmax-able)         "last_logits"
-    logits       [B, K, T, V]  all logits (memory heavy: ASFT's full-vocabulary KL)           "logits"
+    logits       [B, K, T, V]  all logits (memory heavy: anchored SFT's full-vocabulary KL)   "logits"
     log_sum_sq_probs [B, K, T] log sum_v p_v^2 per token (WPO's weights)                        "log_sum_sq_probs"
 
 `reference` is None when the loss does not declare "reference" in `needs`. Outputs that only some settings
@@ -71,6 +71,14 @@ class LossEntry:
 
 
 _REGISTRY: dict[str, LossEntry] = {}
+_RETIRED: dict[str, str] = {}     # old name -> why it is gone and what to use instead
+
+
+def retire(name: str, message: str) -> None:
+  """Makes `get(name)` raise `message`: a name that would now be ambiguous is refused, not guessed."""
+  if name in _REGISTRY:
+    raise ValueError(f"loss {name!r} is registered; it cannot also be retired")
+  _RETIRED[name] = message
 
 
 def register(name: str, *, needs=(), kind: str = "pairwise", carry=(), needs_fn=None,
@@ -92,6 +100,8 @@ def register(name: str, *, needs=(), kind: str = "pairwise", carry=(), needs_fn=
 
 
 def get(name: str) -> LossEntry:
+  if name in _RETIRED:
+    raise ValueError(f"loss {name!r} no longer exists: {_RETIRED[name]}")
   if name not in _REGISTRY:
     raise ValueError(f"unknown loss {name!r}; valid: {', '.join(sorted(_REGISTRY))}")
   return _REGISTRY[name]

@@ -1,6 +1,10 @@
-"""SFT variants: DFT, ASFT (anchored DFT), PoFT and a confidence-limited cross-entropy.
+"""SFT variants: DFT, Anchored SFT, Aligned SFT, PoFT and a confidence-limited cross-entropy.
 
-All are `kind="sft"` losses over K = 1 completion per example (`token_logps`, `mask` [B, 1, T]); p_t is the
+Two papers call their method "ASFT"; neither gets that name here (`get("asft")` raises, naming both):
+`anchored_sft` is Anchored SFT (DFT + a KL anchor, Zhu et al. 2025) and `aligned_sft` is Aligned SFT
+(absolute-likelihood alignment on preference pairs, Wang et al. 2024).
+
+All but `aligned_sft` (a pairwise loss) are `kind="sft"` losses over K = 1 completion per example (`token_logps`, `mask` [B, 1, T]); p_t is the
 policy probability of the target token y_t and "mean over tokens" divides the masked sum by the number of
 completion tokens in the batch.
 
@@ -11,14 +15,27 @@ Wu et al., arXiv 2508.05629; TRL `sft_trainer.py: dft_loss`):
 
 i.e. CE whose per-token gradient is rescaled by the (detached) probability of the token.
 
-ASFT (*Anchored Supervised Fine-Tuning*, Zhu et al., arXiv 2509.23753; `zhuchichi56/ASFT`, mode asft):
+Anchored SFT, `anchored_sft` (*Anchored Supervised Fine-Tuning*, Zhu et al., arXiv 2509.23753;
+`zhuchichi56/ASFT`, mode asft):
 
-    L_ASFT = L_DFT + kl_weight * mean_t KL(π_ref(.|x, y_<t) || π_θ(.|x, y_<t)),   kl_weight = 0.1
+    L_anchored = L_DFT + kl_weight * mean_t KL(π_ref(.|x, y_<t) || π_θ(.|x, y_<t)),   kl_weight = 0.1
 
 with the KL over the full vocabulary. The direction is the one the released code computes (`kl_div(log
 π_θ, π_ref)`, forward KL from the reference), which the paper's text calls reverse. The reference is the
 base model (adapters stripped, or a frozen copy under full fine-tuning), so the loss needs the reference's
 logits: memory [B, T, V] twice.
+
+Aligned SFT, `aligned_sft` (*ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood*, Wang, Sun,
+Hua, Fang, arXiv 2409.10571). No reference model; each response of a pair is pushed by its own absolute
+likelihood instead of a Bradley–Terry margin:
+
+    L_aligned = NLL(y_w) - lambda * [log σ(r(y_w)) + log σ(-r(y_l))],    r(y) = log(p(y) / (1 - p(y)))
+
+The form is the third-party summary in METHODS.md (UNVERIFIED against the paper's equations). Our reading,
+following ORPO (which the paper compares with and whose odds it uses): p(y) = exp(mean token log-prob of y)
+(`length_normalize=True`; False uses the summed log-prob), clipped at log p <= -1e-7 so a certain response
+keeps finite odds, NLL(y_w) the mean over chosen completion tokens, lambda = `beta` = 0.1 (ORPO's; the
+paper's value is unverified).
 
 PoFT (*Preference-Oriented Supervised Fine-Tuning: Favoring Target Model Over Aligned Large Language
 Models*, Fan et al., 2024). UNVERIFIED FORM, inferred from the abstract (a Bradley–Terry
@@ -27,7 +44,9 @@ preference of the target model over aligned models on the same SFT data):
     L_PoFT = mean_b mean_m  -log σ(β [log π_θ(y|x) - log π_aligned_m(y|x)])
 
 `batch["aligned_logps"]` [B, 1, M] holds the summed completion log-probs of M aligned models, precomputed
-once into the data (a data field like `ref_logps`; the built-in tasks do not carry it).
+once into the records by the `precompute` task (`configs/precompute.py`, once per aligned model with
+`append=True`) and read with `data.aligned_logps_field` (and `data.packing="none"`: one example per row).
+The mean is over the rows that hold a completion.
 
 Confidence-limited CE (*Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves
 Mathematical Reasoning*, Chen et al., arXiv 2502.07154). The paper's exact objective is UNVERIFIED here; two
@@ -50,8 +69,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from losses._registry import register
+from losses._dpo import reward_metrics
+from losses._pairwise_ref_free import chosen_nll, log1mexp
+from losses._registry import register, retire
 from losses._sft import masked_mean
+
+retire("asft", "two methods share that acronym; use 'anchored_sft' (Anchored SFT: DFT + KL to the "
+               "reference, Zhu et al. 2025) or 'aligned_sft' (Aligned SFT: absolute-likelihood odds on "
+               "preference pairs, Wang et al. 2024)")
 
 
 def dft_terms(token_logps, mask):
@@ -75,9 +100,9 @@ def token_kl(ref_logits, logits):
   return jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=-1)
 
 
-@register("asft", needs=("reference", "logits"), kind="sft")
-def asft_loss(policy, reference, batch, cfg):
-  """ASFT: DFT + kl_weight · mean over completion tokens of KL(π_ref || π_θ) over the vocabulary."""
+@register("anchored_sft", needs=("reference", "logits"), kind="sft")
+def anchored_sft_loss(policy, reference, batch, cfg):
+  """Anchored SFT: DFT + kl_weight · mean over completion tokens of KL(π_ref || π_θ) over the vocabulary."""
   del batch
   lp, mask = policy["token_logps"], policy["mask"]
   n = jnp.maximum(mask.sum(), 1.0)
@@ -85,6 +110,31 @@ def asft_loss(policy, reference, batch, cfg):
   kl = (token_kl(jax.lax.stop_gradient(reference["logits"]), policy["logits"]) * mask).sum() / n
   loss = dft + cfg.get("kl_weight", 0.1) * kl
   return loss, {"dft": dft, "kl": kl, "nll": masked_mean(-lp, mask), "tokens": mask.sum()}
+
+
+def log_odds(logps):
+  """log(p / (1 - p)) for p = exp(logps), logps clipped at -1e-7 (finite odds for a certain response)."""
+  logps = jnp.minimum(logps, -1e-7)
+  return logps - log1mexp(logps)
+
+
+@register("aligned_sft", kind="pairwise")
+def aligned_sft_loss(policy, reference, batch, cfg):
+  """Aligned SFT (unverified form, see the module docstring); `cfg`: beta (lambda, 0.1), length_normalize."""
+  del reference, batch
+  beta = cfg.get("beta", 0.1)
+  lp = policy["logps"]
+  if cfg.get("length_normalize", True):
+    lp = lp / jnp.maximum(policy["lengths"], 1.0)
+  r = log_odds(lp)
+  align = -(jax.nn.log_sigmoid(r[:, 0]) + jax.nn.log_sigmoid(-r[:, 1]))
+  nll = chosen_nll(policy)
+  loss = nll + beta * align.mean()
+  metrics = reward_metrics(beta * r[:, 0], beta * r[:, 1], lp[:, 0], lp[:, 1])
+  metrics.update({"nll_loss": jax.lax.stop_gradient(nll), "align_loss": jax.lax.stop_gradient(align.mean()),
+                  "log_odds/chosen": jax.lax.stop_gradient(r[:, 0].mean()),
+                  "log_odds/rejected": jax.lax.stop_gradient(r[:, 1].mean())})
+  return loss, metrics
 
 
 @register("poft", kind="sft")
@@ -96,9 +146,14 @@ def poft_loss(policy, reference, batch, cfg):
                      "completion log-probs, precomputed into the data")
   aligned = batch["aligned_logps"].astype(jnp.float32)          # [B, 1, M]
   margin = cfg.get("beta", 0.1) * (policy["logps"][..., None] - aligned)
-  loss = -jax.nn.log_sigmoid(margin).mean()
-  return loss, {"poft/margin": margin.mean(), "poft/win_rate": (margin > 0).mean(),
-                "logps/policy": policy["logps"].mean(), "logps/aligned": aligned.mean()}
+  # Rows without a completion (the padding of a last eval batch) count for nothing.
+  w = jnp.broadcast_to((policy["lengths"] > 0)[..., None], margin.shape).astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  mean = lambda x: (x * w).sum() / n
+  loss = mean(-jax.nn.log_sigmoid(margin))
+  return loss, {"poft/margin": mean(margin), "poft/win_rate": mean((margin > 0).astype(jnp.float32)),
+                "logps/policy": mean(jnp.broadcast_to(policy["logps"][..., None], margin.shape)),
+                "logps/aligned": mean(aligned)}
 
 
 @register("conf_limited", kind="sft")

@@ -70,6 +70,8 @@ class DoRA(LowRankFactors, Adapter):
   def hf_accepts(cls, config) -> bool:
     return bool(config.get("use_dora", False))
 
+  hf_tensor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
   def hf_tensors(self):
     return {"lora_A.weight": np.asarray(self.a).T, "lora_B.weight": np.asarray(self.b).T,
             "lora_magnitude_vector": np.asarray(self.m)}

@@ -8,6 +8,7 @@ Key layout (adapter name stripped, as `save_pretrained` writes it), one tensor p
 
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight      [r, in]    = a[i].T
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight      [out, r]   = b[i].T
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.bias        [out]      (lora_bias) = bias[i]
     base_model.model.model.layers.{i}.mlp.down_proj.lora_magnitude_vector [out]      (DoRA) = m[i]
     base_model.model.model.layers.{i}.self_attn.k_proj.ia3_l              [out, 1] / [1, in] (IA3)
     base_model.model.lm_head.lora_A.weight                                 (unstacked lm_head)
@@ -45,6 +46,7 @@ _HF_PARENT = {"attn": "self_attn", "mlp": "mlp"}
 _OUR_PARENT = {v: k for k, v in _HF_PARENT.items()}
 _KEY = re.compile(r"base_model\.model\.(model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)|lm_head)\.(.+)")
 FAMILIES = ("llama", "mistral", "qwen2", "gemma")   # same module names in all four
+BASE_COPY = "base_layer.weight"   # PEFT's copy of a targeted layer's base weight: checked, not loaded
 
 
 def hf_module(path: str) -> tuple[str, str]:
@@ -131,7 +133,8 @@ def export_adapter(path: str, params, spec_or_cfg=None, model_type: str = "llama
 
 def import_adapter(path: str, params):
   """Reads a PEFT adapter directory into adapter nodes on `params`' kernels (an existing adapter's base,
-  e.g. a PiSSA residual, is kept; a quantised base stays quantised). Every tensor must be used."""
+  e.g. a PiSSA residual, is kept; a quantised base stays quantised). Every tensor must be used: a tensor the
+  adapter type does not read raises, naming it."""
   from safetensors.numpy import load_file   # pylint: disable=g-import-not-at-top
   with open(os.path.join(path, CONFIG)) as f:
     config = json.load(f)
@@ -142,7 +145,16 @@ def import_adapter(path: str, params):
                      f"valid: {sorted(HF_FORMATS)}")
   cls = candidates[0]
   tensors = load_file(os.path.join(path, WEIGHTS))
+  # Every tensor must be read: one this adapter type does not know would otherwise be dropped silently
+  # (e.g. lora_B.bias under a class without lora_bias, or modules_to_save copies).
+  known = set(cls.hf_tensor_names) | {BASE_COPY}
+  unknown = sorted(k for k in tensors if (m := _KEY.fullmatch(k)) is not None and m.group(5) not in known)
+  if unknown:
+    raise ValueError(f"{path}: {len(unknown)} tensor(s) that {cls.__name__} ({peft_type}) does not read, so "
+                     f"importing would ignore them: {', '.join(unknown[:8])}"
+                     f"{' ...' if len(unknown) > 8 else ''}; it reads {', '.join(sorted(known))} per module")
   groups: dict[str, dict] = {}
+  copies: dict[str, dict] = {}
   for key, x in tensors.items():
     m = _KEY.fullmatch(key)
     if m is None:
@@ -153,10 +165,14 @@ def import_adapter(path: str, params):
     else:
       ours = f"layers/{_OUR_PARENT[m.group(3)]}/{m.group(4)}/kernel"
       layer, module = int(m.group(2)), m.group(1)
+    if m.group(5) == BASE_COPY:
+      copies.setdefault(ours, {})[layer] = (key, x)
+      continue
     g = groups.setdefault(ours, {"module": module, "layers": {}})
     g["layers"].setdefault(layer, {})[m.group(5)] = x
 
   present = {p: l for p, l in _leaves(params).items()}
+  _check_base_copies(path, copies, present)
   new = {}
   for ours, g in groups.items():
     if ours not in present:
@@ -173,6 +189,25 @@ def import_adapter(path: str, params):
       layers = [g["layers"][None]]
     new[ours] = cls.from_hf(base, layers, config, g["module"], stacked)
   return map_with_path(lambda p, l: new.get(p, l), params, is_leaf=is_adapter)
+
+
+def _check_base_copies(path: str, copies: dict, present: dict) -> None:
+  """PEFT saves a copy of a targeted layer's base weight (`*.base_layer.weight`, e.g. for lm_head with
+  `save_embedding_layers`). The adapter belongs on that base: it must equal the base it is imported onto."""
+  for ours, layers in copies.items():
+    if ours not in present:
+      raise ValueError(f"{path}: base weight for {ours}, which params lack; kernels: {sorted(present)}")
+    leaf = present[ours]
+    base = leaf.frozen_base() if is_adapter(leaf) and not isinstance(leaf, QuantizedWeight) else leaf
+    if isinstance(base, QuantizedWeight):
+      raise ValueError(f"{path}: {layers[next(iter(layers))][0]} is a float base weight and {ours} is "
+                       "quantised here: import onto the float base")
+    base = np.asarray(jax.device_get(base), np.float32)
+    for layer, (key, x) in layers.items():
+      want = base if layer is None else base[layer]
+      if want.shape != x.T.shape or not np.allclose(want, x.T, rtol=1e-6, atol=1e-6):
+        raise ValueError(f"{path}: {key} (PEFT's copy of the base weight) differs from {ours} of the params "
+                         "it is imported onto: load it on the base it was trained on")
 
 
 def _leaves(params) -> dict[str, Any]:

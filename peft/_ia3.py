@@ -54,6 +54,8 @@ class IA3(Adapter):
   def hf_accepts(cls, config) -> bool:
     return True
 
+  hf_tensor_names = ("ia3_l",)
+
   def hf_tensors(self):
     l = np.asarray(self.l)
     return {"ia3_l": l[None, :] if self.feedforward else l[:, None]}

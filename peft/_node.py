@@ -98,7 +98,8 @@ def adapter_names() -> list[str]:
 # HF PEFT formats: node classes that `export_adapter` / `import_adapter` can write and read. A class sets
 # `hf_peft_type`, `hf_tensors(self)` (one unstacked node -> {suffix: torch-layout array}),
 # `hf_config(cls, nodes, spec)` (the adapter_config.json fields) and `from_hf(cls, base, layers, config,
-# module)`, plus `hf_accepts(cls, config)` to choose between classes of one peft_type (LoRA vs DoRA).
+# module)`, plus `hf_accepts(cls, config)` to choose between classes of one peft_type (LoRA vs DoRA), and
+# `hf_tensor_names` (the per-module suffixes `from_hf` reads: `import_adapter` refuses any other tensor).
 HF_FORMATS: dict[str, list[type]] = {}
 
 

@@ -33,7 +33,7 @@ def with_random_b(params, seed=0):
     if not peft.is_adapter(n) or isinstance(n, peft.QuantizedWeight):
       return n
     upd = {f: getattr(n, f) + 0.3 * jnp.asarray(rng.normal(size=getattr(n, f).shape), jnp.float32)
-           for f in n.trainable_fields}
+           for f in n.trainable_fields if getattr(n, f) is not None}   # LoRA's bias is optional
     return n.replace(**upd)
   return jax.tree.map(move, params, is_leaf=peft.is_adapter)
 

@@ -27,7 +27,7 @@ def with_random_b(params, seed=0):
     if not peft.is_adapter(n) or isinstance(n, peft.QuantizedWeight):
       return n
     upd = {f: getattr(n, f) + 0.3 * jnp.asarray(rng.normal(size=getattr(n, f).shape), jnp.float32)
-           for f in n.trainable_fields}
+           for f in n.trainable_fields if getattr(n, f) is not None}   # LoRA's bias is optional
     return n.replace(**upd)
   return jax.tree.map(move, params, is_leaf=peft.is_adapter)
 
@@ -117,17 +117,22 @@ def test_config_section():
   assert sorted(nodes(adapted)) == ["layers/attn/q_proj/kernel", "layers/attn/v_proj/kernel"]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "lora_bias"])
 def test_export_import_round_trip(tmp_path, method):
+  options = {"lora_bias": True} if method == "lora_bias" else {}
   adapted = with_random_b(peft.apply(PARAMS, {("q_proj", "down_proj", "lm_head"): peft.AdapterSpec(
-      method, rank=3, alpha=5)}))
+      method.replace("_bias", ""), rank=3, alpha=5, options=options)}))
   config = peft.export_adapter(str(tmp_path), adapted, None, "llama")
   assert config["peft_type"] == ("IA3" if method == "ia3" else "LORA")
+  assert config.get("lora_bias", False) == (method == "lora_bias")
   back = peft.import_adapter(str(tmp_path), peft.strip(adapted))
   for p, n in nodes(adapted).items():
     m = nodes(back)[p]
     assert type(m) is type(n) and getattr(m, "scale", None) == pytest.approx(getattr(n, "scale", None))
     for f in n.trainable_fields:
-      np.testing.assert_array_equal(getattr(m, f), getattr(n, f))
+      if getattr(n, f) is None:
+        assert getattr(m, f) is None
+      else:
+        np.testing.assert_array_equal(getattr(m, f), getattr(n, f))
   with pytest.raises(ValueError, match="adapter for lm_head/kernel, which params lack"):
     peft.import_adapter(str(tmp_path), {k: v for k, v in peft.strip(adapted).items() if k != "lm_head"})

@@ -11,11 +11,13 @@ import pytest
 
 import data as data_lib
 import losses
+import models
 import optim
 import peft
-from configs import dpo, dpo_kernels, sft
+from configs import dpo, dpo_kernels, precompute, sft
 from train_lib import build, evaluate, sharding
 from train_lib import train as train_mod
+from train_lib.tasks import run_task
 
 KIND_DATA = {"sft": None, "pairwise": "pairwise", "listwise": "listwise", "unpaired": "unpaired"}
 
@@ -82,8 +84,22 @@ def test_every_optimizer_trains_one_step(name):
   assert np.isfinite(loss) and moved > 0
 
 
+def _precomputed_aligned_data(config, tmp_path):
+  """PoFT's data: the built-in SFT records with the tiny model's own log-probs precomputed into them by the
+  `precompute` task (as one aligned model), read back one example per row."""
+  tokenizer = data_lib.get_tokenizer(config.data)
+  model, params = build.build_model(config, tokenizer, sharding.make_mesh(config.get("mesh")))
+  models.save_hf(str(tmp_path / "aligned"), model.config, jax.device_get(params))
+  pc = precompute.get_config()
+  pc.reference, pc.data, pc.seq_len, pc.splits = str(tmp_path / "aligned"), config.data, config.seq_len, "train"
+  run_task(pc, str(tmp_path / "data"))
+  config.data.update(dict(source="jsonl", path=str(tmp_path / "data" / "{split}.jsonl"), tokenizer="char",
+                          train_size=None, aligned_logps_field="aligned_logps", packing="none"))
+  return config
+
+
 @pytest.mark.parametrize("name", losses.names())
-def test_every_loss_trains_one_step(name):
+def test_every_loss_trains_one_step(name, tmp_path):
   entry = losses.get(name)
   if entry.kind == "sft":
     config = _smoke()
@@ -93,6 +109,6 @@ def test_every_loss_trains_one_step(name):
       config = _smoke(dpo_kernels)
   config.loss.name = name
   if name == "poft":        # PoFT's aligned log-probs come from the data
-    pytest.skip("poft needs aligned log-probs in the records (no built-in source provides them)")
+    config = _precomputed_aligned_data(config, tmp_path)
   loss, moved = _one_step(config)
   assert np.isfinite(loss) and moved > 0

@@ -104,6 +104,72 @@ def test_goodness_of_fit_matches_weightwatcher():
     np.testing.assert_allclose(r.alpha, ref["alpha"][i], rtol=1e-3, err_msg=r.path)
 
 
+def _finger_matrices():
+  """Gaussian (Marchenko-Pastur bulk) and Student-t matrices; on several of these the goodness-of-fit xmin
+  sits high in the spectrum and clipping top eigenvalues lowers alpha by more than 1 (fingers)."""
+  rng = np.random.default_rng(0)
+  mats = []
+  for trial in range(12):
+    mats.append(rng.standard_normal((80, 160)) if trial % 3 == 0 else rng.standard_t(4, size=(80, 160))
+                if trial % 3 == 1 else rng.standard_normal((80, 160))
+                + 0.5 * rng.standard_normal((80, 3)) @ rng.standard_normal((3, 160)))
+  return [m.astype(np.float32) for m in mats]
+
+
+@pytest.mark.parity
+def test_clip_xmax_matches_weightwatcher():
+  """WW `analyze(fix_fingers='clip_xmax')` (its defaults otherwise) is our goodness-of-fit scan with
+  `clip_xmax=True`: the same alpha, xmin, D, sigma and number of fingers, fingers found or not."""
+  mats = _finger_matrices()
+  ref = refenv.run("ww_alphas", {f"m{i}": m for i, m in enumerate(mats)}, fix_fingers="clip_xmax")
+  params = {f"m{i}": {"kernel": m} for i, m in enumerate(mats)}
+  config = dg.EsdConfig.weightwatcher(clip_xmax=True)
+  records = {r.path: r for r in dg.analyze(params, config)}
+  fingers = []
+  for i, m in enumerate(mats):
+    r = records[f"m{i}/kernel"]
+    assert ref["analysed"][i]
+    np.testing.assert_allclose([r.alpha, r.xmin, r.D, r.sigma], [ref[k][i] for k in ("alpha", "xmin", "D", "sigma")],
+                               rtol=1e-7, err_msg=f"m{i}")
+    lam = np.sort(np.linalg.svd(m.astype(np.float64), compute_uv=False) ** 2)
+    f = dg.fit_powerlaw(lam[lam > 1e-5], mode="goodness_of_fit", clip_xmax=True)
+    assert int(f.num_fingers) == ref["num_fingers"][i]
+    fingers.append(int(f.num_fingers))
+  # The comparison covers both branches: spectra with fingers clipped and spectra left whole.
+  assert any(fingers) and not all(fingers)
+  # Off by default, as in WeightWatcher: the default preset gives the unclipped fit.
+  plain = {r.path: r for r in dg.analyze(params, dg.EsdConfig.weightwatcher())}
+  assert any(plain[p].alpha != records[p].alpha for p in records)
+
+
+def _direct_clip_xmax(lam, max_fingers=10, thresh=1.0, min_alpha=2.0):
+  """WeightWatcher's fit_clipped_powerlaw loop over _direct_scan fits: (alpha, xmin, num_fingers)."""
+  first = _direct_scan(lam)
+  for c in range(2, max_fingers):
+    fit = _direct_scan(lam[:-c])
+    if fit[0] + thresh < first[0]:
+      return fit[0], fit[2], c - 1
+    if fit[0] <= min_alpha:
+      break
+  return first[0], first[2], 0
+
+
+def test_clip_xmax_matches_direct_loop():
+  found = 0
+  for m in _finger_matrices()[:6]:
+    lam = np.sort(np.linalg.svd(m.astype(np.float64), compute_uv=False) ** 2)
+    alpha, xmin, n = _direct_clip_xmax(lam)
+    f = dg.fit_powerlaw(lam, mode="goodness_of_fit", clip_xmax=True)
+    np.testing.assert_allclose([f.alpha, f.xmin], [alpha, xmin], rtol=1e-10)
+    assert int(f.num_fingers) == n and int(f.n_tail) == len(lam) - n - 1 * (n > 0) - int(f.index)
+    found += n > 0
+    # jit-able: the same fit on device in float32.
+    g = jax.jit(lambda l: dg.fit_powerlaw(l, mode="goodness_of_fit", clip_xmax=True))(jnp.asarray(lam, jnp.float32))
+    np.testing.assert_allclose(g.alpha, alpha, rtol=1e-3)
+    assert int(g.num_fingers) == n
+  assert found
+
+
 # ---------------------------------------------------------------------------------------------------
 # The references' formulas, evaluated directly
 # ---------------------------------------------------------------------------------------------------

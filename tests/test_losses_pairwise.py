@@ -147,7 +147,7 @@ def test_orpo_is_finite_at_certainty():
 # One contract over every preference loss.
 # ------------------------------------------------------------------------------------------------
 K, T, V, D = 3, 5, 7, 4
-PREFERENCE = ("dpo", "cpo", "simpo", "orpo", "kto", "bco", "lipo", "listnet", "listmle", "pro",
+PREFERENCE = ("dpo", "cpo", "simpo", "orpo", "aligned_sft", "kto", "bco", "lipo", "listnet", "listmle", "pro",
               "dpo_kernels")
 
 

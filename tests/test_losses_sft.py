@@ -1,4 +1,4 @@
-"""SFT variants (losses/_sft_variants.py): DFT, ASFT, PoFT, confidence-limited CE.
+"""SFT variants (losses/_sft_variants.py): DFT, Anchored SFT, Aligned SFT, PoFT, confidence-limited CE.
 
 Values and gradients against hand numpy evaluations of the formulas on random logits, then each registered
 loss (except PoFT, whose aligned log-probs come from the data) through `train_and_evaluate` on the tiny
@@ -70,13 +70,13 @@ def test_dft_value_and_gradient():
   assert np.abs(want_g - want_g * (1 + lp)[..., None]).max() > 1e-3
 
 
-# ---- ASFT ---------------------------------------------------------------------------------------------
-def test_asft_kl_over_vocabulary():
+# ---- Anchored SFT ------------------------------------------------------------------------------------
+def test_anchored_sft_kl_over_vocabulary():
   logits, targets, mask = _data(1)
   ref_logits, _, _ = _data(2)
   reference = _outputs(jnp.asarray(ref_logits), targets, mask)
   cfg = _cfg(kl_weight=0.1)
-  loss, m = _loss_of_logits("asft", targets, mask, cfg, reference=reference)(jnp.asarray(logits))
+  loss, m = _loss_of_logits("anchored_sft", targets, mask, cfg, reference=reference)(jnp.asarray(logits))
   lq = _np_log_softmax(ref_logits.astype(np.float64))
   lpol = _np_log_softmax(logits.astype(np.float64))
   kl_tok = np.sum(np.exp(lq) * (lq - lpol), -1)                  # KL(ref || policy) per token
@@ -89,11 +89,77 @@ def test_asft_kl_over_vocabulary():
   assert abs(kl_rev - kl) > 1e-2
   # Policy == reference: no KL, and the reference gets no gradient.
   same = _outputs(jnp.asarray(logits), targets, mask)
-  _, m0 = _loss_of_logits("asft", targets, mask, cfg, reference=same)(jnp.asarray(logits))
+  _, m0 = _loss_of_logits("anchored_sft", targets, mask, cfg, reference=same)(jnp.asarray(logits))
   assert abs(float(m0["kl"])) < 1e-6
-  g_ref = jax.grad(lambda r: losses.get("asft").fn(_outputs(jnp.asarray(logits), targets, mask),
+  g_ref = jax.grad(lambda r: losses.get("anchored_sft").fn(_outputs(jnp.asarray(logits), targets, mask),
                                                    _outputs(r, targets, mask), {}, cfg)[0])(jnp.asarray(ref_logits))
   assert np.abs(g_ref).max() == 0.0
+
+
+def test_asft_is_ambiguous_and_refused():
+  with pytest.raises(ValueError, match="anchored_sft.*aligned_sft"):
+    losses.get("asft")
+  assert "asft" not in losses.names()
+
+
+# ---- Aligned SFT ------------------------------------------------------------------------------------
+def _pair_outputs(seed, lengths_differ=True):
+  rng = np.random.default_rng(seed)
+  tlp = -rng.uniform(0.05, 1.5, size=(B, 2, T))
+  mask = np.ones((B, 2, T))
+  if lengths_differ:
+    mask[:, 1, -2:] = 0.0
+  return tlp, mask
+
+
+def _aligned_sft_f64(tlp, mask, lam, length_normalize):
+  """Direct float64 evaluation: NLL(y_w) - lam [log σ(r_w) + log σ(-r_l)], r = log(p / (1 - p))."""
+  lp = (tlp * mask).sum(-1)
+  if length_normalize:
+    lp = lp / mask.sum(-1)
+  p = np.exp(lp)
+  r = np.log(p) - np.log1p(-p)
+  log_sig = lambda z: -np.log1p(np.exp(-z))
+  nll = np.sum(-tlp[:, 0] * mask[:, 0]) / mask[:, 0].sum()
+  return nll - lam * np.mean(log_sig(r[:, 0]) + log_sig(-r[:, 1]))
+
+
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_aligned_sft_formula(length_normalize):
+  tlp, mask = _pair_outputs(11)
+  lam = 0.3
+  cfg = _cfg(beta=lam, length_normalize=length_normalize)
+
+  def f(t):
+    m = jnp.asarray(mask, jnp.float32)
+    pol = {"token_logps": t, "mask": m, "logps": (t * m).sum(-1), "lengths": m.sum(-1)}
+    return losses.get("aligned_sft").fn(pol, None, {}, cfg)
+
+  loss, m = f(jnp.asarray(tlp, jnp.float32))
+  np.testing.assert_allclose(loss, _aligned_sft_f64(tlp, mask, lam, length_normalize), rtol=1e-5)
+  # The gradient of the formula, by central differences in float64, on a few token log-probs.
+  g = np.asarray(jax.grad(lambda t: f(t)[0])(jnp.asarray(tlp, jnp.float32)))
+  for idx in [(0, 0, 0), (1, 1, 2), (2, 1, T - 1), (2, 0, 3)]:
+    e = np.zeros_like(tlp)
+    e[idx] = 1e-6
+    fd = (_aligned_sft_f64(tlp + e, mask, lam, length_normalize)
+          - _aligned_sft_f64(tlp - e, mask, lam, length_normalize)) / 2e-6
+    np.testing.assert_allclose(g[idx], fd, rtol=1e-3, atol=1e-6)
+  # Absolute likelihood, not a margin: raising both responses' log-probs by the same amount changes it
+  # (a Bradley–Terry loss such as DPO's would not move).
+  shifted, _ = f(jnp.asarray(tlp + 0.05 * mask, jnp.float32))
+  assert abs(float(shifted) - float(loss)) > 1e-3
+
+
+def test_aligned_sft_finite_at_certainty():
+  tlp, mask = _pair_outputs(12, lengths_differ=False)
+  tlp[:, 0] = 0.0      # the chosen response has p = 1
+  m = jnp.asarray(mask, jnp.float32)
+  t = jnp.asarray(tlp, jnp.float32)
+  pol = {"token_logps": t, "mask": m, "logps": (t * m).sum(-1), "lengths": m.sum(-1)}
+  loss, _ = losses.get("aligned_sft").fn(pol, None, {}, _cfg())
+  g = jax.grad(lambda lp: losses.get("aligned_sft").fn({**pol, "logps": lp}, None, {}, _cfg())[0])(pol["logps"])
+  assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(g)))
 
 
 # ---- PoFT ---------------------------------------------------------------------------------------------
@@ -184,8 +250,8 @@ def test_trains_end_to_end(tmp_path, loss, key):
 
 
 @pytest.mark.slow
-def test_asft_trains_with_adapter_reference(tmp_path):
-  _, train = _train(tmp_path, dict(name="asft", kl_weight=0.1), peft_method="lora")
+def test_anchored_sft_trains_with_adapter_reference(tmp_path):
+  _, train = _train(tmp_path, dict(name="anchored_sft", kl_weight=0.1), peft_method="lora")
   # LoRA starts at B = 0, so the policy starts equal to the stripped base (KL 0) and moves away from it.
   assert train[-1]["kl"] > 0.0
   assert train[-1]["loss"] == pytest.approx(train[-1]["dft"] + 0.1 * train[-1]["kl"], rel=1e-4)

@@ -35,6 +35,8 @@ def perturbed(params, seed):
       return node
     upd = {}
     for f in node.trainable_fields:
+      if getattr(node, f) is None:      # an optional part this node does not have (LoRA without bias)
+        continue
       x = np.asarray(getattr(node, f))
       noise = rng.normal(size=x.shape).astype(np.float32)
       upd[f] = jnp.asarray(x * (1 + 0.2 * noise) if f in ("m", "l") else x + 0.1 * noise)
@@ -51,6 +53,7 @@ CASES = {
     "lora": ("llama", ALL + ("lm_head",), spec(), {}),
     "rslora": ("llama", ("q_proj", "v_proj", "up_proj"), spec(alpha=6, use_rslora=True), {}),
     "dora": ("llama", ALL, spec("dora"), {}),
+    "lora_bias": ("llama", ALL, spec(options={"lora_bias": True}), {}),   # PEFT merges it into the base biases
     "pissa_to_lora": ("llama", ALL, spec(init="pissa"), {"initial": True}),
     "olora_to_lora": ("llama", ("q_proj", "down_proj"), spec(init="olora", alpha=4), {"initial": True}),
     "ia3": ("llama_linear", ("k_proj", "v_proj", "down_proj"), spec("ia3", options={"feedforward": "down_proj"}),

@@ -33,6 +33,8 @@ CASES = {
                      targets=["k_proj", "o_proj", "up_proj"]),
     "pissa": dict(base="llama", peft_type="LORA", r=4, alpha=8, init="pissa", targets=ALL),
     "olora": dict(base="llama", peft_type="LORA", r=4, alpha=8, init="olora", targets=ALL),
+    # PEFT's lora_bias: a trained bias on lora_B, scaled with the branch (merging needs the base biases).
+    "lora_bias": dict(base="llama", peft_type="LORA", r=4, alpha=8, init=True, lora_bias=True, targets=ALL),
     "ia3": dict(base="llama_linear", peft_type="IA3", targets=["k_proj", "v_proj", "down_proj"],
                 feedforward=["down_proj"]),
 }
@@ -49,7 +51,8 @@ def our_spec(case):
   init = case.get("init", True)
   spec = peft.AdapterSpec(method, rank=case.get("r", 8), alpha=case.get("alpha", 8),
                           init="default" if init is True else init, use_rslora=case.get("use_rslora", False),
-                          options={"feedforward": case.get("feedforward", [])})
+                          options={"feedforward": case.get("feedforward", []),
+                                   "lora_bias": case.get("lora_bias", False)})
   return {tuple(case["targets"]): spec}
 
 
@@ -120,7 +123,31 @@ def test_imported_peft_adapter_gives_peft_logits(ref, name):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("name", list(CASES))
+def test_lora_bias_imported_and_initialised_as_peft(ref):
+  """PEFT's lora_B.bias is read into our node (not dropped), starts at zero as PEFT's, and a biased adapter
+  refuses to merge into our bias-free kernels (our kernels hold no bias to fold it into)."""
+  root, out, _ = ref
+  model, ours = ours_initialised(ref, "lora_bias")
+  for path, node in nodes_of(ours).items():
+    for i in range(node.bias.shape[0]):
+      init = out[f"lora_bias__init__{torch_key(path, i, 'lora_B.bias')}"]
+      assert not np.any(init) and not np.any(node.bias[i]) and node.bias[i].shape == init.shape
+  imported = peft.import_adapter(str(root / "lora_bias"), on_peft_bases(ref, "lora_bias", ours))
+  from safetensors.numpy import load_file
+  saved = load_file(str(root / "lora_bias" / "adapter_model.safetensors"))
+  for path, node in nodes_of(imported).items():
+    for i in range(node.a.shape[0]):
+      np.testing.assert_array_equal(node.bias[i], saved[torch_key(path, i, "lora_B.bias")])
+  # Without the bias the logits are off by far more than the tolerance: the bias is in the match.
+  no_bias = peft.map_with_path(lambda p, n: n.replace(bias=None) if isinstance(n, peft.LoRA) else n,
+                               imported, is_leaf=peft.is_adapter)
+  assert rel_err(logits(model, no_bias), out["lora_bias__logits"]) > 100 * REL_TOL
+  with pytest.raises(ValueError, match="lora_bias"):
+    peft.merge(imported)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [n for n in CASES if n != "lora_bias"])
 def test_merged_equals_peft_merge_and_unload(ref, name):
   root, out, _ = ref
   model, ours = ours_initialised(ref, name)

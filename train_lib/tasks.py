@@ -1,4 +1,4 @@
-"""The tasks of main.py, by name: train, and eval / export / diagnose / sweep / merge over workdirs.
+"""The tasks of main.py, by name: train, and eval / export / diagnose / sweep / merge / precompute over workdirs.
 
     python main.py --config=configs/eval.py --config.train_workdir=/tmp/sft --workdir=/tmp/sft_eval
 
@@ -21,6 +21,7 @@ from train_lib import diagnose as diagnose_lib
 from train_lib import evaluate as eval_lib
 from train_lib import export_files
 from train_lib import merge as merge_lib
+from train_lib import precompute as precompute_lib
 from train_lib import train as train_lib
 
 TASKS: dict[str, Callable] = {}
@@ -45,6 +46,7 @@ def run_task(config, workdir: str):
 register_task("train")(train_lib.train_and_evaluate)
 register_task("diagnose")(diagnose_lib.diagnose)
 register_task("merge")(merge_lib.merge)
+register_task("precompute")(precompute_lib.precompute)
 
 
 def _load_for_eval(config):

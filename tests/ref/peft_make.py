@@ -4,8 +4,8 @@
     peft_make.py IN.npz OUT.npz --root=DIR --cases=JSON
 
 IN: tokens [B, T] int. cases: a JSON list of {"name", "base" (a model directory), "peft_type" ("LORA" or
-"IA3"), "r", "alpha", "targets", "use_rslora", "use_dora", "init" (true | "gaussian" | "pissa" | "olora"),
-"feedforward" (IA3), "seed"}. For each case, with the case's seed:
+"IA3"), "r", "alpha", "targets", "use_rslora", "use_dora", "lora_bias", "init" (true | "gaussian" | "pissa" |
+"olora"), "feedforward" (IA3), "seed"}. For each case, with the case's seed:
 
   1. get_peft_model(base, config) runs PEFT's initialisation; OUT gets `<name>__init__<key>` for every
      adapter tensor (state-dict keys as save_pretrained writes them) and `<name>__base__<module>` for the
@@ -30,7 +30,8 @@ def config_of(case):
                           feedforward_modules=case.get("feedforward", []))
   return peft.LoraConfig(task_type="CAUSAL_LM", r=case["r"], lora_alpha=case["alpha"],
                          target_modules=case["targets"], lora_dropout=0.0, use_rslora=case.get("use_rslora", False),
-                         use_dora=case.get("use_dora", False), init_lora_weights=case.get("init", True))
+                         use_dora=case.get("use_dora", False), lora_bias=case.get("lora_bias", False),
+                         init_lora_weights=case.get("init", True))
 
 
 def main():

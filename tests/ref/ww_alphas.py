@@ -1,10 +1,11 @@
 """WeightWatcher `analyze` on a list of matrices (runs inside .venv-ref).
 
-    ww_alphas.py IN.npz OUT.npz [--fix_fingers=xmin_peak] [--pl_package=ww] [--min_evals=8]
+    ww_alphas.py IN.npz OUT.npz [--fix_fingers=xmin_peak|clip_xmax] [--pl_package=ww] [--min_evals=8]
 
 IN holds m0, m1, ... (Flax `[in, out]` kernels; each becomes one `nn.Linear` whose weight is the transpose,
 and spectra do not care). OUT holds, per matrix in input order, the columns of WW's details frame; a matrix
-WW did not analyse (too few eigenvalues) gets NaN everywhere and `analysed = 0`.
+WW did not analyse (too few eigenvalues) gets NaN everywhere and `analysed = 0`. With clip_xmax, OUT also
+holds WW's `num_fingers`.
 """
 import logging
 import warnings
@@ -41,10 +42,12 @@ def main():
 
   result = {c: np.full(len(names), np.nan) for c in COLUMNS}
   result["analysed"] = np.zeros(len(names))
+  columns = COLUMNS + (("num_fingers",) if "num_fingers" in details.columns else ())
+  result.update({c: np.full(len(names), np.nan) for c in columns if c not in result})
   for _, row in details.iterrows():
     i = int(row["longname"])            # Sequential children are named "0", "1", ...
     result["analysed"][i] = 1.0
-    for c in COLUMNS:
+    for c in columns:
       result[c][i] = float(row[c])
   save(out, **result)
 
