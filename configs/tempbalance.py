@@ -48,6 +48,7 @@ def get_config(arg=None):
   if arg.assign in ("sigmoid", "tb_std_sigmoid"):
     tb.esd_preset = "model_balancing"       # median xmin, last analysed matrix (lm_head) removed
     tb.granularity = arg.mb_unit            # layer: per-layer sigmoid | block: the GLUE script's blocks
+    tb.norm_rate = "block_last"             # a block's norms follow its down_proj (MB's trainer)
     tb.sigmoid_min = 1.0                    # (s_min, s_max) of Model Balancing's low-ratio GLUE rows
     tb.sigmoid_max = 1.0
     tb.exp_temp = 10.0

@@ -21,9 +21,12 @@ scheduled base rate eta_t):
 `granularity='block'` maps the mean alpha of each decoder block (Model Balancing `tb_layer_blocks`, the
 GLUE headline with `sigmoid`) and every leaf of the block, norms and biases included, takes its block's f;
 `block_unit='layer'` further spreads the block's range linearly over its matrices. `granularity='layer'`
-maps each matrix (TempBalance) and the other leaves of its module (its bias) follow it. Leaves with no ESD
-keep f = 1. `normalize=True` (`tb_lr_normalize`) rescales f to mean 1. Model Balancing's `tb_layer_groups`
-interpolates against a reversed range (higher alpha, lower rate); that mode is deliberately not offered.
+maps each matrix (TempBalance) and the other leaves of its module (its bias) follow it; a block's norms keep
+f = 1 (TempBalance's `layernorm=False`) or, `norm_rate='block_last'`, take the rate of the block's last
+scheduled matrix (Model Balancing: a norm follows the parameter before it, down_proj in a Llama block).
+Other leaves with no ESD keep f = 1. `normalize=True` (`tb_lr_normalize`) rescales f to mean 1. Model
+Balancing's `tb_layer_groups` interpolates against a reversed range (higher alpha, lower rate); that mode is
+deliberately not offered.
 
 The multipliers are traced optimizer state of fixed shapes (per leaf: () or, for stacked `[L, ...]` leaves,
 [L] broadcast over each slice), so `refresh_multipliers` never recompiles the jitted step:
@@ -166,6 +169,8 @@ class TempBalanceConfig:
   sigmoid_max: float = 1.0               # sigmoid: s_max, used above the mean alpha
   exp_temp: float = 10.0                 # sigmoid: temperature T
   normalize: bool = False                # tb_lr_normalize: mean multiplier 1
+  norm_rate: str = "base"                # per layer, a block's norms: base (TempBalance, f = 1) | block_last
+                                         # (Model Balancing: the rate of the block's last matrix, down_proj)
   hyperparam: str = "lr"                 # lr | wd | hybrid: which layerwise states a refresh writes
   esd: diagnostics.EsdConfig = dataclasses.field(default_factory=lambda: diagnostics.EsdConfig.tempbalance())
 
@@ -173,7 +178,8 @@ class TempBalanceConfig:
     for name, value, valid in (("assign", self.assign, ASSIGN_FUNCS),
                                ("granularity", self.granularity, ("layer", "block")),
                                ("block_unit", self.block_unit, ("block", "layer")),
-                               ("hyperparam", self.hyperparam, ("lr", "wd", "hybrid"))):
+                               ("hyperparam", self.hyperparam, ("lr", "wd", "hybrid")),
+                               ("norm_rate", self.norm_rate, ("base", "block_last"))):
       if value not in valid:
         raise ValueError(f"TempBalanceConfig.{name}={value!r}; valid: {valid}")
 
@@ -189,7 +195,7 @@ class TempBalanceConfig:
   @classmethod
   def model_balancing(cls, **kw):
     """Model Balancing's GLUE recipe: block-level sigmoid (s_min=2, s_max=1, T=10), last layer removed."""
-    return cls(**{**dict(assign="sigmoid", granularity="block", block_unit="block",
+    return cls(**{**dict(assign="sigmoid", granularity="block", block_unit="block", norm_rate="block_last",
                          esd=diagnostics.EsdConfig.model_balancing()), **kw})
 
 
@@ -371,6 +377,10 @@ def _lookup(sched: Schedule, config: TempBalanceConfig):
     by_path[(path, layer)] = f
     by_module.setdefault((path.rsplit("/", 1)[0], layer), f)
   block_level = config.granularity == "block"
+  last_in_block = {}     # per_record is in network order: the block's last scheduled matrix (down_proj)
+  for (path, layer), v in sched.per_record.items():
+    if layer is not None:
+      last_in_block[layer] = v
 
   def f(path: str, layer: Optional[int]) -> float:
     parts = path.split("/")
@@ -386,6 +396,10 @@ def _lookup(sched: Schedule, config: TempBalanceConfig):
       block = layer if layer is not None else diagnostics.block_of(path)
       if block is not None and block in sched.per_block:
         return sched.per_block[block]
+    if config.norm_rate == "block_last" and not set(parts) & set(config.esd.matrix_names):
+      block = layer if layer is not None else diagnostics.block_of(path)
+      if block in last_in_block:                 # a norm of the block (not a matrix left unscheduled)
+        return last_in_block[block]
     return 1.0
 
   return f

@@ -201,8 +201,14 @@ def test_block_unit_spreads_inside_each_block():
   vals = np.asarray(list(a.values()))
   d = vals - vals.mean()
   f = dict(zip(a, 10 ** (np.where(d > 0, 1.0, 2.0) * (1 / (1 + np.exp(-10 * d)) - 0.5))))
+  up = [f[("layers/mlp/up_proj/kernel", l)] for l in range(3)]
   np.testing.assert_allclose(_mults(run[0].opt_state, optim.ScaleByLayerwiseLrState, "layers/mlp/up_proj/kernel"),
-                             [f[("layers/mlp/up_proj/kernel", l)] for l in range(3)], rtol=1e-4)
+                             up, rtol=1e-4)
+  norm = lambda r: _mults(r[0].opt_state, optim.ScaleByLayerwiseLrState, "layers/attn_norm/scale")
+  np.testing.assert_array_equal(norm(run), 1.0)                 # TempBalance: norms at the base rate
+  # Model Balancing's trainer: a norm takes the rate of its block's last matrix (here up_proj).
+  run, _ = _hook_run(_run_config(assign="sigmoid", granularity="layer", norm_rate="block_last"), params, [0])
+  np.testing.assert_allclose(norm(run), up, rtol=1e-4)
 
 
 def _drift(step, p):
