@@ -559,7 +559,9 @@ def _esd_refresh_hook(config, model) -> hooks.HostHook:
 
   The multipliers follow Model Balancing's trainer: from the latest fit (or, `fix_tb_metric`, the fit of
   W_0), 1 until the step after `config.optim.warmup_steps` (`after_warm`), and under layer sampling the
-  slots take their current blocks' multipliers after every redraw (alphas are fitted on all blocks).
+  slots take their current blocks' multipliers after every redraw (alphas are fitted on all blocks). A
+  resumed run keeps the checkpointed multipliers; the schedule behind them is not saved, so a redraw or the
+  end of warm-up before the next fit maps a fit of the weights at the resume step.
   """
   run = RunConfig.from_config(config.tempbalance)
   mapping = run.mapping
