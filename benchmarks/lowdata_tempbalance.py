@@ -206,10 +206,10 @@ def markdown(args, runs, command, wall_s):
       f"warm-up and cosine decay, grad clip 1. Seeds {seeds} (model init and data order; the training "
       "problems of a size are the same for every seed). Arms: "
       + "; ".join(f"`{a}` = {LABELS[a].replace('lr_up', f'{args.lr_up:g}')}" for a in arms) + f". TempBalance: `assign={args.assign}`, alpha by "
-      "the median xmin rule (`EsdConfig.tempbalance`), refreshed every 25 steps from step 0, first and last "
-      "analysed matrix left at f = 1, embeddings, norms and lm_head at f = 1. `eigs_thresh` is lowered "
-      "from the references' 50 to 32 so that the k/v projections (192 x 64, N = 64) are analysed: all 28 "
-      "projection slices are fitted, 26 scheduled. Held-out: 256 problems that are in no training set "
+      "the median xmin rule (`EsdConfig.tempbalance`), refreshed every 25 steps from step 0, the first and "
+      "last analysed matrix in network order (block 0's q_proj, lm_head) left at f = 1, embeddings and norms "
+      "at f = 1. `eigs_thresh` is lowered from the references' 50 to 32 so that the k/v projections "
+      "(192 x 64, N = 64) are analysed: the 28 projection slices and lm_head are fitted, 27 scheduled. Held-out: 256 problems that are in no training set "
       "(exact match of greedy generations) and 4 x 64 for the loss. Mean ± std over seeds; "
       f"sum of run times {wall_s / 60:.1f} min (the CPU was shared with other jobs).",
       "",

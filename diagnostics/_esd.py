@@ -60,8 +60,10 @@ class EsdConfig:
   filter_zeros: bool = False            # keep only lambda > zero_thresh (WeightWatcher always does)
   zero_thresh: float = 1e-5             # absolute, like every reference
   eigs_thresh: int = 50                 # matrices with fewer eigenvalues (min side) are skipped
-  remove_first: bool = False            # exclude the first analysed matrix in model order
-  remove_last: bool = False             # exclude the last analysed matrix in model order
+  remove_first: bool = False            # exclude the first analysed matrix in network order
+  remove_last: bool = False             # exclude the last analysed matrix in network order
+  exclude_before_thresh: bool = False   # first/last among all analysed matrices, before the eigs_thresh skip
+                                        # (TempBalance); False: among the fitted ones (Model Balancing)
   include_lm_head: bool = False         # analyse paths matching head_pattern (the torch references' last layer)
   include_embed: bool = False           # analyse embedding tables (the torch references never do)
   precision: str = "float32"            # float32 (device, jit) | float64 (host numpy)
@@ -70,6 +72,9 @@ class EsdConfig:
   matrix_names: tuple = ("kernel",)     # last path component of an analysed matrix
   embed_names: tuple = ("embedding",)
   head_pattern: str = r"(^|.*/)lm_head/.*"
+  # Network order inside a block (HF Llama's `named_modules`): q, k, v, o, gate, up, down; a module named
+  # in none of these sorts after them, by path.
+  module_order: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
   chunk: int = 256                      # rows per chunk of the O(N^2) KS scan
 
   def __post_init__(self):
@@ -95,8 +100,9 @@ class EsdConfig:
                          f"{[f.name for f in dataclasses.fields(cls)]}")
       if "matrix_names" in items:
         items["matrix_names"] = tuple(items["matrix_names"])
-      if "embed_names" in items:
-        items["embed_names"] = tuple(items["embed_names"])
+      for key in ("embed_names", "module_order"):
+        if key in items:
+          items[key] = tuple(items[key])
       config = cls(**items)
     return dataclasses.replace(config, **overrides) if overrides else config
 
@@ -109,14 +115,21 @@ class EsdConfig:
   # ---- presets: the defaults of each reference -------------------------------------------------------
   @classmethod
   def tempbalance(cls, **kw):
-    """TempBalance `Tempbalance(...)`: median xmin, no zero filter, first and last layer removed."""
-    return cls(**{**dict(mode="median", xmin_pos=2.0, eigs_thresh=50, remove_first=True, remove_last=True),
-                  **kw})
+    """TempBalance `Tempbalance(...)`: median xmin, no zero filter, first and last layer removed.
+
+    Its `net_esd_estimator` walks `named_modules()` over every nn.Linear / nn.Conv2d, so on a causal LM the
+    first analysed matrix is block 0's q_proj (the embedding is an nn.Embedding) and the last is lm_head;
+    the first/last rows are dropped before the eigenvalue-count filter."""
+    return cls(**{**dict(mode="median", xmin_pos=2.0, eigs_thresh=50, remove_first=True, remove_last=True,
+                         include_lm_head=True, exclude_before_thresh=True), **kw})
 
   @classmethod
   def model_balancing(cls, **kw):
-    """Model Balancing `net_esd_estimator(fix_fingers='xmin_mid')`; its GLUE script uses xmin_pos=1.5."""
-    return cls(**{**dict(mode="median", xmin_pos=2.0, eigs_thresh=50, remove_last=True), **kw})
+    """Model Balancing `net_esd_estimator(fix_fingers='xmin_mid')`; its GLUE script uses xmin_pos=1.5.
+    Every nn.Linear with at least `eigs_num_thresh` eigenvalues, in `named_modules()` order (lm_head
+    last), then `remove_last_layer` drops the last of them: lm_head on a causal LM."""
+    return cls(**{**dict(mode="median", xmin_pos=2.0, eigs_thresh=50, remove_last=True, include_lm_head=True),
+                  **kw})
 
   @classmethod
   def weightwatcher(cls, **kw):
@@ -212,6 +225,23 @@ def block_of(path: str) -> Optional[int]:
   return int(match.group(1)) if match else None
 
 
+def network_order_key(path: str, layer: Optional[int], config: EsdConfig) -> tuple:
+  """Sort key of a matrix (or stacked slice) in network order: the embedding, then block by block its
+  modules in `config.module_order`, then other matrices outside the blocks, then the head."""
+  name = path.rsplit("/", 1)[-1]
+  if re.fullmatch(config.head_pattern, path):
+    segment = 3
+  elif name in config.embed_names:
+    segment = 0
+  elif layer is None:
+    segment = 2
+  else:
+    segment = 1
+  parts = path.split("/")
+  rank = next((i for i, m in enumerate(config.module_order) if m in parts), len(config.module_order))
+  return (segment, -1 if layer is None else layer, rank, path)
+
+
 def is_stacked(path: str, config: EsdConfig) -> bool:
   p = config.stacked_prefix
   return bool(p) and (path == p or path.startswith(p + "/"))
@@ -265,10 +295,12 @@ def _skipped_record(path, layer, shape, reason, config):
 def analyze(params: Params, config=None, *, init_params: Optional[Params] = None) -> list[EsdRecord]:
   """Fits every analysed matrix of `params`; one record per matrix and per slice of a stacked kernel.
 
-  Records come in model order: unstacked matrices whose path sorts before the stacked subtree, then the
-  stacked slices layer by layer, then the rest (e.g. `lm_head`). A matrix with fewer than `eigs_thresh`
-  eigenvalues keeps no alpha (`skipped='eigs_thresh'`); the first/last exclusions keep their fit but are
-  marked `skipped='first'` / `'last'` so no schedule uses them.
+  Records come in network order (`network_order_key`): the embedding (when analysed), then block by block
+  q, k, v, o, gate, up, down (stacked slices and `.../<l>/...` paths alike), then other matrices outside the
+  blocks, then `lm_head`. A matrix with fewer than `eigs_thresh` eigenvalues keeps no alpha
+  (`skipped='eigs_thresh'`); the first/last exclusions keep their fit but are marked `skipped='first'` /
+  `'last'` so no schedule uses them. They pick among the fitted matrices, or with `exclude_before_thresh`
+  among all analysed ones (TempBalance drops its first and last rows before the eigenvalue filter).
   """
   config = EsdConfig.make(config)
   init = None
@@ -284,7 +316,7 @@ def analyze(params: Params, config=None, *, init_params: Optional[Params] = None
     shape = (leaf.frozen_base() if peft.is_adapter(leaf) else leaf).shape
     slices = range(shape[0]) if stacked else [None]
     layer_of = (lambda l: l) if stacked else (lambda l: block_of(path))
-    sort_key = (lambda l: (config.stacked_prefix, l, order)) if stacked else (lambda l: (path, -1, order))
+    sort_key = lambda l: network_order_key(path, layer_of(l), config) + (order,)
     mat_shape = tuple(shape[-2:])
     if min(mat_shape) < config.eigs_thresh:
       w, reason = None, "eigs_thresh"
@@ -303,11 +335,15 @@ def analyze(params: Params, config=None, *, init_params: Optional[Params] = None
           sigma=float(f["sigma"]), n_tail=int(f["n_tail"]), metrics={k: float(f[k]) for k in METRICS},
           skipped=None if np.isfinite(alpha) else "fit_failed", config=config)))
   records = [r for _, r in sorted(keyed, key=lambda kr: kr[0])]
-  fitted = [i for i, r in enumerate(records) if r.skipped is None]
+  if config.exclude_before_thresh:
+    candidates = list(range(len(records)))
+  else:
+    candidates = [i for i, r in enumerate(records) if r.skipped is None]
   for flag, reason in ((config.remove_first, "first"), (config.remove_last, "last")):
-    if flag and fitted:
-      i = fitted.pop(0 if reason == "first" else -1)
-      records[i] = dataclasses.replace(records[i], skipped=reason)
+    if flag and candidates:
+      i = candidates.pop(0 if reason == "first" else -1)
+      if records[i].skipped is None:
+        records[i] = dataclasses.replace(records[i], skipped=reason)
   return records
 
 

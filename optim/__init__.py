@@ -15,16 +15,16 @@ by the modules below; importing the package registers them.
 """
 from optim._registry import (OptimizerFactory, PROJECTED, default_config as optimizer_config, get_optimizer,
                              optimizer_names, options, path_mask, register_optimizer)
-from optim._factory import SCHEDULES, check_config, default_config, first_match_labels, from_config, make, make_schedule, resolve
+from optim._factory import NO_DECAY, SCHEDULES, check_config, default_config, first_match_labels, from_config, make, make_schedule, resolve
 from optim._galore import ScaleByGaLoreState, galore, scale_by_galore
 from optim._fira import ScaleByFiraState, fira, scale_by_fira
 from optim._frugal import ScaleByFrugalState, frugal, scale_by_frugal
 from optim._lift import ScaleByLiftState, lift, principal_indices, scale_by_lift
 from optim._lora_pro import ScaleByLoraProState, corrected_lora_grads, lora_pro, scale_by_lora_pro
-from optim._tempbalance import (AddLayerwiseDecayState, RunConfig as TempBalanceRun, ScaleByLayerwiseLrState,
-                                Schedule, TempBalanceConfig, add_layerwise_decayed_weights, adamw_layerwise_wd,
-                                refresh_multipliers, scale_by_layerwise_lr, schedule, tempbalance,
-                                tempbalance_config)
+from optim._tempbalance import (AddLayerwiseDecayState, LayerwiseDecayState, RunConfig as TempBalanceRun,
+                                ScaleByLayerwiseLrState, Schedule, TempBalanceConfig, add_layerwise_decayed_weights,
+                                adamw_layerwise_wd, layerwise_decay, refresh_multipliers, scale_by_layerwise_lr,
+                                schedule, tempbalance, tempbalance_config)
 from optim._tempbalance import default_config as tempbalance_default_config
 from optim._sampling import (METHODS as SAMPLING_METHODS, SamplingConfig, draw, inverse_alpha_scores,
                              layer_probs, outlier_scores, reset_slot_state, sampling_hook)

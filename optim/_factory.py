@@ -41,13 +41,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0            # global-norm clipping; 0 disables
   c.grad_accum_steps = 1            # micro-batches per step (the batch is split along B)
   c.rules = ()                      # ((regex, optimizer name or None to freeze), ...); () = all `name`
+  c.no_decay = NO_DECAY             # regex (full match on '/' paths) of leaves never decayed; '' = decay all
   for name in _registry.optimizer_names():
     c[name] = _registry.default_config(name)
   return c
 
 
 _COMMON = ("name", "learning_rate", "warmup_steps", "schedule", "end_lr_ratio", "grad_clip_norm",
-           "grad_accum_steps", "rules")
+           "grad_accum_steps", "rules", "no_decay")
+
+# The weight-decay mask of the references' HF Trainer (`get_decay_parameter_names`: every parameter but
+# biases and LayerNorm weights; embeddings are decayed): biases, and every leaf of a module whose name holds
+# 'norm' (RMSNorm scales), slot nodes of layer sampling included.
+NO_DECAY = r"(.*/)?bias(/.*)?|(.*/)?[^/]*norm[^/]*/.*"
+
+# Optimizers whose weight decay is decoupled and scaled by the schedule, -eta_t * wd * p: TempBalance's
+# weight-decay multipliers (`hyperparam='wd'`) rescale exactly that term.
+_SCHEDULED_DECAY = ("adamw", "galore", "fira", "frugal", "lora_pro")
 
 
 def check_keys(cfg) -> None:
@@ -115,13 +125,54 @@ def resolve(cfg) -> ml_collections.ConfigDict:
   return out
 
 
+_NO_DECAY_SUFFIX = ":no_decay"
+
+
+def _decay_of(name: str, cfg) -> float:
+  """The weight decay optimizer `name` applies (0 for one without the option)."""
+  return float(cfg[name].get("weight_decay") or 0.0) if "weight_decay" in _registry.options(name) else 0.0
+
+
+def decay_labels(params, cfg) -> Any:
+  """The optimizer label of every leaf (`config.optim.rules`), with ':no_decay' appended where the leaf
+  matches `config.optim.no_decay` and its optimizer decays: that leaf gets the same optimizer built with
+  weight_decay=0, so the mask holds for every registered optimizer with a `weight_decay` option."""
+  rules = [tuple(r) for r in cfg.rules or [(".*", cfg.name)]]
+  labels = first_match_labels(params, rules)
+  if not cfg.no_decay:
+    return labels
+  rx = re.compile(cfg.no_decay)
+
+  def relabel(path, label):
+    if label is None or label == "__frozen__" or not _decay_of(label, cfg) or not rx.fullmatch(path):
+      return label
+    return label + _NO_DECAY_SUFFIX
+  return peft.map_with_path(relabel, labels, is_leaf=lambda z: z is None)
+
+
+def _build(label: str, schedule, cfg) -> optax.GradientTransformation:
+  if not label.endswith(_NO_DECAY_SUFFIX):
+    return _registry.build(label, schedule, cfg)
+  name = label[:-len(_NO_DECAY_SUFFIX)]
+  sections = ml_collections.ConfigDict(cfg.to_dict())
+  sections[name].weight_decay = 0.0
+  return _registry.build(name, schedule, sections)
+
+
+def weight_decay_tree(cfg, params) -> Any:
+  """Per leaf, the weight decay its optimizer applies to it (0 where `no_decay` matches)."""
+  cfg = resolve(cfg)
+  labels = decay_labels(params, cfg)
+  return jax.tree.map(lambda l: 0.0 if l == "__frozen__" or l.endswith(_NO_DECAY_SUFFIX) else _decay_of(l, cfg),
+                      labels)
+
+
 def make(cfg, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   cfg = resolve(cfg)
   schedule = make_schedule(cfg, total_steps)
-  rules = [tuple(r) for r in cfg.rules or [(".*", cfg.name)]]
-  labels = first_match_labels(params, rules)
+  labels = decay_labels(params, cfg)
   names = sorted({v for v in jax.tree.leaves(labels) if v != "__frozen__"} | {cfg.name})
-  transforms = {n: _registry.build(n, schedule, cfg) for n in names}
+  transforms = {n: _build(n, schedule, cfg) for n in names}
   transforms["__frozen__"] = optax.set_to_zero()
   if len(set(jax.tree.leaves(labels))) == 1 and jax.tree.leaves(labels)[0] == cfg.name:
     tx = transforms[cfg.name]
@@ -137,9 +188,32 @@ def from_config(config, trainable) -> tuple[optax.GradientTransformation, optax.
   `config.tempbalance.enabled` (their values are refreshed between steps by its host hook)."""
   tx, schedule = make(config.optim, trainable, int(config.total_steps))
   tb = config.get("tempbalance")
-  if tb is not None and _tempbalance.RunConfig.from_config(tb).enabled:
-    tx = _tempbalance.tempbalance(tx)
-  return tx, schedule
+  if tb is None or not _tempbalance.RunConfig.from_config(tb).enabled:
+    return tx, schedule
+  hyperparam = _tempbalance.tempbalance_config(tb).hyperparam
+  if hyperparam == "lr":
+    return _tempbalance.tempbalance(tx), schedule
+  return _tempbalance.tempbalance(tx, hyperparam=hyperparam, learning_rate=schedule,
+                                  weight_decay=_tempbalance_decay(config.optim, trainable)), schedule
+
+
+def _tempbalance_decay(optim_cfg, trainable) -> Any:
+  """The per-leaf decays TempBalance's weight-decay multipliers rescale; refuses optimizers whose decay is
+  not -eta_t * wd * p, and a run with no decay at all (the multipliers would change nothing)."""
+  cfg = resolve(optim_cfg)
+  labels = decay_labels(trainable, cfg)
+  used = {l.removesuffix(_NO_DECAY_SUFFIX) for l in jax.tree.leaves(labels) if l != "__frozen__"}
+  bad = sorted(n for n in used if _decay_of(n, cfg) and (
+      n not in _SCHEDULED_DECAY or cfg[n].get("decay_updated_weights", False)))
+  if bad:
+    raise ValueError(f"config.tempbalance.hyperparam=wd/hybrid rescales a decay of the form -lr * wd * p; "
+                     f"{bad} decay otherwise (supported: {', '.join(_SCHEDULED_DECAY)}, without "
+                     f"decay_updated_weights)")
+  tree = weight_decay_tree(cfg, trainable)
+  if not any(jax.tree.leaves(tree)):
+    raise ValueError("config.tempbalance.hyperparam=wd/hybrid needs weight decay: set "
+                     "config.optim.<optimizer>.weight_decay > 0 (e.g. config.optim.adamw.weight_decay=0.1)")
+  return tree
 
 
 def check_config(config) -> None:

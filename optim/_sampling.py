@@ -233,9 +233,6 @@ def inverse_alpha_scores(params, num_layers: int, eigs_thresh: int = 50) -> np.n
 
 def layer_sampling_hook(config, model, scores_fn: Optional[Callable] = None) -> hooks.HostHook:
   """The HostHook of LISA / OwLore: wraps the layers at init, resamples every `interval_steps` steps."""
-  if (config.get("tempbalance") or {}).get("enabled"):
-    raise ValueError("TempBalance with layer sampling is not supported (its multipliers are per block, the "
-                     "slots are gamma blocks); disable config.tempbalance.enabled")
   L = model.config.num_layers
   sc = SamplingConfig.from_config(config, L)
   check_slot_optimizer(config.optim, _param_paths(model))

@@ -138,13 +138,15 @@ def test_hf_directory_threshold_preset_and_options(hf_model, tmp_path):
   train_lib.run_task(_config(path, esd_preset="tempbalance", eigs_thresh=64, plot_layers=(1,),
                              plot_matrices=("k_proj", "up_proj")), out)
   rows = dg.read_csv(os.path.join(out, "alphas.csv"))
-  assert len(rows) == len(PROJ) * cfg.num_layers
+  assert len(rows) == len(PROJ) * cfg.num_layers + 1               # TempBalance analyses lm_head too
   for r in rows:
     if r["name"] in ("k_proj", "v_proj"):
       assert r["skipped"] == "eigs_thresh" and math.isnan(r["alpha"]) and r["N"] == 48
   _assert_rows_match(rows, dg.analyze(params, dg.EsdConfig.tempbalance(eigs_thresh=64)))
   scheduled = [r for r in rows if r["skipped"] == ""]
-  assert len(scheduled) == 5 * cfg.num_layers - 2                  # TempBalance drops first and last
+  assert len(scheduled) == 5 * cfg.num_layers - 1                  # block 0's q_proj and lm_head dropped
+  assert {(r["name"], r["skipped"]) for r in rows if r["skipped"] in ("first", "last")} == {
+      ("q_proj", "first"), ("lm_head", "last")}
   doc = json.load(open(os.path.join(out, "alphas.json")))
   assert doc["esd_config"]["mode"] == "median" and doc["esd_config"]["remove_first"] is True
   assert any(r["alpha"] is None for r in doc["rows"])              # strict JSON: NaN as null
@@ -221,7 +223,8 @@ def test_workdir_cul_measures_the_update_from_the_runs_start(trained, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # The low-data experiment's config
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("assign,scheduled,blocks", [("tb_linear_map", 26, 0), ("sigmoid", 27, 4)])
+@pytest.mark.parametrize("assign,scheduled,blocks", [("tb_linear_map", 27, 0), ("sigmoid", 28, 0),
+                                                     ("sigmoid,mb_unit=block", 28, 4)])
 def test_tempbalance_config_schedules_every_projection_of_the_small_model(assign, scheduled, blocks):
   from configs import tempbalance
   from train_lib import validate
@@ -235,8 +238,9 @@ def test_tempbalance_config_schedules_every_projection_of_the_small_model(assign
   tb = optim.tempbalance_config(config.tempbalance)
   # Host float64 fits: the same selection and exclusions without compiling the device fit in a test.
   sched = optim.schedule(params, tb.replace(esd=tb.esd.replace(precision="float64")))
-  # 7 projections x 4 blocks, k/v_proj (N = 64) included; TempBalance drops first and last, MB the last.
-  assert len(sched.records) == 28 and not any(r.skipped == "eigs_thresh" for r in sched.records)
+  # 7 projections x 4 blocks, k/v_proj (N = 64) included, and lm_head (N = 58); TempBalance drops block 0's
+  # q_proj and lm_head, Model Balancing lm_head.
+  assert len(sched.records) == 29 and not any(r.skipped == "eigs_thresh" for r in sched.records)
   assert len(sched.per_record) == scheduled and len(sched.per_block) == blocks
   f = np.asarray(list(sched.per_record.values()))
   assert f.max() - f.min() > 0.1

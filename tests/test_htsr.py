@@ -181,8 +181,8 @@ def test_median_matches_tempbalance_formula(xmin_pos):
   for precision, rtol in (("float64", 1e-10), ("float32", 2e-4)):
     config = dg.EsdConfig(mode="median", xmin_pos=xmin_pos, eigs_thresh=0, precision=precision)
     records = dg.analyze(params, config)
-    assert [(r.path, r.layer) for r in records] == [("head/kernel", None)] + [
-        ("layers/mlp/up_proj/kernel", l) for l in range(3)]
+    assert [(r.path, r.layer) for r in records] == [("layers/mlp/up_proj/kernel", l) for l in range(3)] + [
+        ("head/kernel", None)]                      # network order: a matrix outside the blocks comes after
     for r in records:
       w = params["head"]["kernel"] if r.layer is None else stacked[r.layer]
       lam = np.sort(np.linalg.svd(w.astype(np.float64), compute_uv=False) ** 2)
@@ -324,8 +324,8 @@ def test_analyze_decoder_tree():
   params = Decoder(cfg).init(jax.random.PRNGKey(0))
   config = dg.EsdConfig(precision="float64", eigs_thresh=50)
   records = dg.analyze(params, config)
-  kinds = ["attn/k_proj", "attn/o_proj", "attn/q_proj", "attn/v_proj", "mlp/down_proj", "mlp/gate_proj",
-           "mlp/up_proj"]
+  kinds = ["attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+           "mlp/down_proj"]                           # network order, as the torch references' named_modules
   assert [(r.path, r.layer) for r in records] == [(f"layers/{k}/kernel", l) for l in range(2) for k in kinds]
   assert all(r.config is config for r in records)
   for r in records:
@@ -343,10 +343,10 @@ def test_analyze_decoder_tree():
   with_head = dg.analyze(params, config.replace(include_lm_head=True, remove_first=True, remove_last=True))
   assert with_head[-1].path == "lm_head/kernel" and with_head[-1].skipped == "last"
   assert np.isfinite(with_head[-1].alpha)          # excluded from schedules, still reported
-  assert (with_head[0].path, with_head[0].layer, with_head[0].skipped) == ("layers/attn/k_proj/kernel", 0,
+  assert (with_head[1].path, with_head[1].layer, with_head[1].skipped) == ("layers/attn/k_proj/kernel", 0,
                                                                             "eigs_thresh")
   first = [r for r in with_head if r.skipped == "first"]
-  assert [(r.path, r.layer) for r in first] == [("layers/attn/o_proj/kernel", 0)]
+  assert [(r.path, r.layer) for r in first] == [("layers/attn/q_proj/kernel", 0)]
   assert not any(r.path == "embed/embedding" for r in with_head)
   assert any(r.path == "embed/embedding" for r in dg.analyze(params, config.replace(include_embed=True)))
 
