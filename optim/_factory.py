@@ -115,13 +115,17 @@ def resolve(cfg) -> ml_collections.ConfigDict:
   return out
 
 
-def make(cfg, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(cfg, params, total_steps: int, per_block=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`per_block`: {optimizer name: factory(build, schedule)}, optimizers built by the factory from
+  `build(learning_rate)` instead (layer sampling's per-block state, `_sampling.per_block_optimizers`)."""
   cfg = resolve(cfg)
   schedule = make_schedule(cfg, total_steps)
   rules = [tuple(r) for r in cfg.rules or [(".*", cfg.name)]]
   labels = first_match_labels(params, rules)
   names = sorted({v for v in jax.tree.leaves(labels) if v != "__frozen__"} | {cfg.name})
-  transforms = {n: _registry.build(n, schedule, cfg) for n in names}
+  per_block = per_block or {}
+  transforms = {n: (per_block[n](lambda lr, n=n: _registry.build(n, lr, cfg), schedule) if n in per_block
+                    else _registry.build(n, schedule, cfg)) for n in names}
   transforms["__frozen__"] = optax.set_to_zero()
   if len(set(jax.tree.leaves(labels))) == 1 and jax.tree.leaves(labels)[0] == cfg.name:
     tx = transforms[cfg.name]
@@ -135,7 +139,8 @@ def make(cfg, params, total_steps: int) -> tuple[optax.GradientTransformation, o
 def from_config(config, trainable) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer of a run: `make(config.optim)`, followed by TempBalance's layerwise multipliers when
   `config.tempbalance.enabled` (their values are refreshed between steps by its host hook)."""
-  tx, schedule = make(config.optim, trainable, int(config.total_steps))
+  tx, schedule = make(config.optim, trainable, int(config.total_steps),
+                      per_block=_sampling.per_block_optimizers(config, trainable))
   tb = config.get("tempbalance")
   if tb is not None and _tempbalance.RunConfig.from_config(tb).enabled:
     tx = _tempbalance.tempbalance(tx)
