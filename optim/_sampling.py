@@ -34,9 +34,9 @@ as OwLore's `np.random.choice`), and their weights are gathered into the slots.
 * `persist` (the default, as OwLore's and LMFlow's torch code): torch creates a block's Adam moments, GaLore
   projector and per-parameter `step` the first time the block gets a gradient and keeps them while it is
   frozen (an unsampled block has no gradient, so its step and state do not move). Here the slots' optimizer
-  runs once per sampled block (`per_block`: `lax.map` over the gamma slots, so each block has its own step
-  count and GaLore's refresh stays a real `lax.cond`) on state rows gathered from a store with one row per
-  block (`PerBlockState.blocks`, every leaf `[L, ...]`, counts `[L]`) and scattered back. A block sampled
+  runs once per sampled block (`per_block`: a loop over the gamma slots, so each block has its own step
+  count and GaLore's refresh stays a real `lax.cond`) on its row of a store with one row per block
+  (`PerBlockState.blocks`, every leaf `[L, ...]`, counts `[L]`), read and written in place. A block sampled
   again continues its moments, projector and count where they stopped, so GaLore's projector refresh fires
   on the block's own count (with K = 50 and gap 100, every second draw of a block), not at every draw.
 * `reset`: every part of the optimizer state that serves only slots (their moments, GaLore projectors and
@@ -176,8 +176,8 @@ def per_block(inner: optax.GradientTransformation, num_blocks: int, gamma: int, 
 
   .. math::  (u_b, s_b) \leftarrow \mathrm{inner.update}(g_b, s_b, w_b) \quad \text{for } b \in idx,
 
-  one block at a time (`lax.map`, so a `lax.cond` inside `inner`, GaLore's refresh, stays a branch), while
-  the rows of the other blocks stay as they are. `inner` must not depend on parameter values at init (Adam,
+  one block at a time (a `fori_loop`, so a `lax.cond` inside `inner`, GaLore's refresh, stays a branch),
+  while the rows of the other blocks stay as they are. `inner` must not depend on parameter values at init (Adam,
   GaLore: zeros), since every row is initialised from the first block's template.
   """
   def init_fn(params):
@@ -187,14 +187,22 @@ def per_block(inner: optax.GradientTransformation, num_blocks: int, gamma: int, 
 
   def update_fn(updates, state, params=None):
     idx = state.idx
-    take = lambda t: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), t)
-    g = updates if sliced else take(updates)
-    w = None if params is None else (params if sliced else take(params))
-    new_u, new_rows = jax.lax.map(lambda a: inner.update(*a), (g, take(state.blocks), w))
-    blocks = jax.tree.map(lambda s, n: s.at[idx].set(n), state.blocks, new_rows)
-    if not sliced:
-      new_u = jax.tree.map(lambda z, n: jnp.zeros_like(z).at[idx].set(n.astype(z.dtype)), updates, new_u)
-    return new_u, PerBlockState(idx, blocks)
+    row = lambda t, k: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, keepdims=False), t)
+    put = lambda t, v, k: jax.tree.map(
+        lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y.astype(x.dtype), k, 0), t, v)
+
+    # A loop over the sampled blocks that reads and writes one row of the store at a time: XLA updates the
+    # donated store in place, where a gather of the gamma rows and a scatter back would copy it.
+    def body(i, carry):
+      blocks, out = carry
+      b = idx[i]
+      at = i if sliced else b        # the block's row in the updates: its slot, or its place in the stack
+      u, new = inner.update(row(updates, at), row(blocks, b), None if params is None else row(params, at))
+      return put(blocks, new, b), put(out, u, at)
+
+    out = updates if sliced else jax.tree.map(jnp.zeros_like, updates)   # sliced: every row is rewritten
+    blocks, out = jax.lax.fori_loop(0, gamma, body, (state.blocks, out))
+    return out, PerBlockState(idx, blocks)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
