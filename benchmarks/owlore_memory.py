@@ -16,15 +16,25 @@ Printed per case (one JSON line): the bytes of the frozen tree, the trainable tr
 (from the abstract trees), XLA's argument / output / alias / temp sizes, and
 `peak_GiB = argument + output - alias + temp`, the step's live memory as XLA's buffer assignment accounts
 it (the frozen weights, the donated state updated in place, the batch and the step's temporaries).
+
+With `DUMP=DIR` XLA writes its buffer assignment there and `f32_weight_stacks_GiB` sums the temporaries
+that are float32 copies of whole bf16 weight stacks `[L, in, out]`: XLA:CPU has no bf16 dot, upcasts its
+operands and hoists the conversion of the stacked kernels out of the layer loop; a GPU or TPU runs bf16 dots
+natively and never builds them, so `peak_GiB - f32_weight_stacks_GiB` is the nearer figure for those.
 """
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.environ.get("DUMP"):      # before jax starts
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={os.environ['DUMP']}"
+                             " --xla_dump_hlo_module_re=.*train_step.*")
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +53,19 @@ GIB = 2.0 ** 30
 
 def nbytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def f32_weight_stacks(dump_dir: str, num_blocks: int, kernel_shapes) -> float:
+  """GiB of the buffers of the newest memory-usage report that hold an f32 copy of a whole weight stack."""
+  reports = sorted(glob.glob(os.path.join(dump_dir, "*memory-usage-report.txt")), key=os.path.getmtime)
+  stacks = {f"f32[{num_blocks},{i},{o}]" for i, o in kernel_shapes}
+  total = 0.0
+  for line in open(reports[-1]).read().splitlines():
+    parts = [p.strip() for p in line.split(";")]
+    if len(parts) == 5 and any(s in stacks for s in re.findall(r"f32\[[\d,]+\]", parts[4])):
+      size, unit = re.fullmatch(r"([\d.]+)\s*(GiB|MiB|KiB|B)", parts[1]).groups()
+      total += float(size) / {"GiB": 1, "MiB": 2**10, "KiB": 2**20, "B": 2**30}[unit]
+  return total
 
 
 def measure(preset: str, state_mode: str, B: int, T: int) -> dict:
@@ -66,12 +89,19 @@ def measure(preset: str, state_mode: str, B: int, T: int) -> dict:
   ma = step.lower(state, frozen, None, batch).compile().memory_analysis()
   arg, out, alias, temp = (ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.alias_size_in_bytes,
                            ma.temp_size_in_bytes)
+  extra = {}
+  if os.environ.get("DUMP"):
+    shapes = {tuple(x.shape[1:]) for p, x in peft.flatten(frozen).items()
+              if p.startswith("layers/") and p.endswith("kernel/base")}
+    stacks = f32_weight_stacks(os.environ["DUMP"], cfg.num_layers, shapes)
+    extra = dict(f32_weight_stacks_GiB=round(stacks, 3),
+                 peak_without_f32_stacks_GiB=round((arg + out - alias + temp) / GIB - stacks, 3))
   return dict(size=preset, state=state_mode, gamma=gamma, num_blocks=cfg.num_layers, B=B, T=T,
               rank=config.optim.galore.rank, remat=mc.remat, dtype=mc.dtype,
               frozen_GiB=round(nbytes(frozen) / GIB, 3), trainable_GiB=round(nbytes(trainable) / GIB, 3),
               opt_state_GiB=round(nbytes(state.opt_state) / GIB, 3),
               argument_GiB=round(arg / GIB, 3), output_GiB=round(out / GIB, 3), alias_GiB=round(alias / GIB, 3),
-              temp_GiB=round(temp / GIB, 3), peak_GiB=round((arg + out - alias + temp) / GIB, 3),
+              temp_GiB=round(temp / GIB, 3), peak_GiB=round((arg + out - alias + temp) / GIB, 3), **extra,
               backend=jax.default_backend(), jax=jax.__version__)
 
 

@@ -50,7 +50,7 @@ def test_persistent_state_follows_each_block_across_draws():
   own = np.zeros(L, int)                     # steps each block has been trained, as torch's state["step"]
   dropped = {}                               # block -> its state rows when it left the slots
   refreshed_at, idx = [], np.array([], int)
-  for s in range(40):
+  for s in range(4 * K):
     if s % K == 0:
       old_idx, old_store = idx, _store(state.opt_state)
       state, frozen = hook.refresh(s, state, frozen, tx)
@@ -79,7 +79,7 @@ def test_persistent_state_follows_each_block_across_draws():
   # Refreshes happened mid-draw on a block's own count (7, 14, ...), and draws of a block already trained
   # did not refresh it.
   assert any(c > 0 and s % K != 0 for s, _, c in refreshed_at), refreshed_at
-  assert own.sum() == 2 * 40 and own.max() > K
+  assert own.sum() == 2 * 4 * K and own.max() > K
 
 
 def test_persist_and_reset_differ_only_after_a_block_is_drawn_again():
