@@ -11,8 +11,9 @@ Pan et al., *LISA: Layerwise Importance Sampling for Memory-Efficient Large Lang
 and head always train. The blocks' optimizer state exists for gamma blocks only and restarts with every draw
 (`sampling.state=reset`): LMFlow's torch LISA keeps the Adam state of every block ever sampled, which with a
 full-rank Adam grows to the full fine-tuning state; `--config.sampling.state=persist` keeps it per block as
-LMFlow does, in a store sized for all blocks (`optim/_sampling.py`). Any loss works through the same trainer (`--config.loss.name=...` with the
-matching `--config.data.pref_kind`); a preference loss's reference is a frozen copy of the start weights.
+LMFlow does, in a store sized for all blocks (`optim/_sampling.py`). Any loss works through the same
+trainer (`--config.loss.name=...` with the matching `--config.data.pref_kind`); a preference loss's reference
+is a frozen copy of the start weights.
 """
 import ml_collections
 

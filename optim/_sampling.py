@@ -45,12 +45,12 @@ as OwLore's `np.random.choice`), and their weights are gathered into the slots.
   like a block sampled for the first time (fresh projector, Adam's bias correction restarted).
 
 Memory of `persist`: the store is a device array sized for all L blocks from step 0, which is the bound the
-torch state reaches once every block has been drawn (torch grows towards it draw by draw). We keep it on the device rather than on the host: the shapes stay static,
-the store is donated and updated in place by the jitted step, it is sharded and checkpointed with the rest
-of the optimizer state (a resumed run continues every block's state exactly), and no host transfer sits
-between steps. With GaLore rank 256 on Llama-2-7B the store is 32 blocks x 62 MiB (bf16; see
-`benchmarks/results/owlore_memory.md`); with a
-full-rank optimizer (LISA's Adam) it is the full fine-tuning state, so `configs/lisa.py` keeps `reset`.
+torch state reaches once every block has been drawn (torch grows towards it draw by draw). We keep it on
+the device rather than on the host: the shapes stay static, the store is donated and updated in place by
+the jitted step, it is sharded and checkpointed with the rest of the optimizer state (a resumed run
+continues every block's state exactly), and no host transfer sits between steps. With GaLore rank 256 on
+Llama-2-7B the store is 32 blocks x 62 MiB (bf16; `benchmarks/results/owlore_memory.md`); with a full-rank
+optimizer (LISA's Adam) it is the full fine-tuning state, so `configs/lisa.py` keeps `reset`.
 The slots' optimizer is built at learning rate 1 inside the store and the schedule is applied after it on
 the global step (torch's scheduler is global too): `decay_updated_weights`, whose update is not linear in
 the learning rate, is refused there.
