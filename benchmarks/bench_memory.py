@@ -9,9 +9,10 @@ One JSON line per (method, size) with the peer benchmark's `mode`, `size` and `p
 `opt_state_GiB` (persistent optimizer state) and `trainable_GiB` (the trainable parameter tree, whose
 gradient the step also holds). Methods: full AdamW, GaLore rank 128 and 1024 (attention/MLP kernels
 projected), Fira (rank 128), FRUGAL (density 0.25), LISA (gamma 2), OwLore (gamma 5, GaLore rank 256) and
-LIFT (rank 128). Layer sampling keeps state for gamma blocks plus the embeddings, final norm and head only,
-and resets it at every draw (`optim/_sampling.py`), so these numbers hold for the whole run; the torch
-references keep state for every block ever sampled. Step time and peak memory are `bench_train.py`'s job.
+LIFT (rank 128). LISA and `owlore` reset the blocks' state at every draw (`sampling.state=reset`): state
+for gamma blocks plus the embeddings, final norm and head, for the whole run; `owlore_persist` keeps every
+block's state as OwLore's torch code does (the default of `configs/owlore.py`), sized for all blocks. Step
+time and peak memory are `bench_train.py`'s job (`owlore_memory.py` for OwLore's compiled step).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def method_configs(preset: str) -> dict:
   out["lisa"] = lisa_config.get_config(f"model={preset},gamma=2")
   depth = models.preset(preset).num_layers
   out["owlore"] = owlore_config.get_config(f"model={preset},gamma={min(5, depth)},rank=256")
+  out["owlore"].sampling.state = "reset"
+  out["owlore_persist"] = owlore_config.get_config(f"model={preset},gamma={min(5, depth)},rank=256")
   out["lift"] = lift_config.get_config(f"model={preset},rank=128")
   return out
 
@@ -67,7 +70,8 @@ def measure(config, cfg: models.DecoderConfig) -> dict:
     return peft.split(params)[0]
 
   abstract = jax.eval_shape(trainable)
-  tx, _ = optim.make(config.optim, abstract, 1000)
+  config.total_steps = 1000
+  tx, _ = optim.from_config(config, abstract)     # with the per-block state of sampling.state=persist
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(model.init, jax.random.PRNGKey(0))))
   row = dict(params_M=round(n_params / 1e6, 1), opt_state_GiB=round(nbytes(jax.eval_shape(tx.init, abstract)) / GIB, 3),
              trainable_GiB=round(nbytes(abstract) / GIB, 3))

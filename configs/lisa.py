@@ -8,9 +8,12 @@ r"""LISA: full-weight fine-tuning of gamma decoder blocks at a time, redrawn uni
 
 Pan et al., *LISA: Layerwise Importance Sampling for Memory-Efficient Large Language Model Fine-Tuning*
 (arXiv 2403.17919), LMFlow's `lisa_activated_layers=2`, `lisa_interval_steps=20`. The embeddings, final norm
-and head always train; the optimizer state of the blocks exists for gamma blocks only and restarts with
-every draw (`optim/_sampling.py`). Any loss works through the same trainer (`--config.loss.name=...` with the
-matching `--config.data.pref_kind`); a preference loss's reference is a frozen copy of the start weights.
+and head always train. The blocks' optimizer state exists for gamma blocks only and restarts with every draw
+(`sampling.state=reset`): LMFlow's torch LISA keeps the Adam state of every block ever sampled, which with a
+full-rank Adam grows to the full fine-tuning state; `--config.sampling.state=persist` keeps it per block as
+LMFlow does, in a store sized for all blocks (`optim/_sampling.py`). Any loss works through the same
+trainer (`--config.loss.name=...` with the matching `--config.data.pref_kind`); a preference loss's reference
+is a frozen copy of the start weights.
 """
 import ml_collections
 
@@ -26,8 +29,9 @@ def get_config(arg=None):
       gamma=arg.gamma,           # blocks trained at a time (LMFlow default 2)
       interval_steps=20,         # K: steps between draws (LMFlow argparse 20; its run_lisa.sh uses 3)
       prob_mode="uniform",       # uniform | increase | decrease (score-based modes: configs/owlore.py)
+      state="reset",             # reset: gamma blocks' state, restarted per draw | persist: LMFlow's, all blocks
   ))
-  # The slots need an optimizer of their own: their state, step count included, restarts at every draw.
+  # The slots need an optimizer of their own: their state, step count included, is theirs per block.
   # `adam` is `adamw` without weight decay (LISA's HF Trainer default is weight_decay=0).
   c.optim.rules = ((r"layers/.*/slots", "adam"), (".*", "adamw"))
   if arg.smoke:

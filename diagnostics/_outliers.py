@@ -19,10 +19,12 @@ linear sublayers (q, k, v, o, gate, up, down) concatenated,
 
 .. math::  D_l = 100 \cdot \#\{A > M \cdot \mathrm{mean}(A)\} / \mathrm{numel}(A)   \quad (\text{a percentage}).
 
-**M.** OWL's argparse default is 3, its LLaMA README uses 5, and OwLore's cached vector is named
-`..._ratio_13.txt` (13 is inferred from that file name only). We default to M = 5: it is the one value a
-reference documents for LLaMA models, and the LOD is what OWL studied at that setting. D_l is
-scale-invariant (multiplying W or every s_j by a constant changes nothing), so only M sets its level.
+**M.** OWL's argparse default (`--Hyper_m`) is 3, its LLaMA README uses 5, and OwLore's cached vector is
+named `..._ratio_13.txt`: OwLore's repository holds no code that computes it, so 13 is read from that file
+name only (its 32 values, 0.018 to 0.295 percent, are consistent with a high threshold). This module's
+default stays M = 5, the value OWL documents for LLaMA models (its LOD analysis); OwLore's sampling uses 13
+(`optim/_sampling.py`, `sampling.outlier_M`). D_l is scale-invariant (multiplying W or every s_j by a
+constant changes nothing), so only M sets its level.
 """
 from __future__ import annotations
 

@@ -167,12 +167,21 @@ def weight_decay_tree(cfg, params) -> Any:
                       labels)
 
 
-def make(cfg, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(cfg, params, total_steps: int, per_block=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`per_block`: {optimizer name: factory(build, schedule)}, optimizers built by the factory from
+  `build(learning_rate)` instead (layer sampling's per-block state, `_sampling.per_block_optimizers`)."""
   cfg = resolve(cfg)
   schedule = make_schedule(cfg, total_steps)
   labels = decay_labels(params, cfg)
   names = sorted({v for v in jax.tree.leaves(labels) if v != "__frozen__"} | {cfg.name})
-  transforms = {n: _build(n, schedule, cfg) for n in names}
+  per_block = per_block or {}
+
+  def build_one(n):
+    base = n[:-len(_NO_DECAY_SUFFIX)] if n.endswith(_NO_DECAY_SUFFIX) else n
+    if base in per_block:
+      return per_block[base](lambda lr, n=n: _build(n, lr, cfg), schedule)
+    return _build(n, schedule, cfg)
+  transforms = {n: build_one(n) for n in names}
   transforms["__frozen__"] = optax.set_to_zero()
   if len(set(jax.tree.leaves(labels))) == 1 and jax.tree.leaves(labels)[0] == cfg.name:
     tx = transforms[cfg.name]
@@ -186,7 +195,8 @@ def make(cfg, params, total_steps: int) -> tuple[optax.GradientTransformation, o
 def from_config(config, trainable) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer of a run: `make(config.optim)`, followed by TempBalance's layerwise multipliers when
   `config.tempbalance.enabled` (their values are refreshed between steps by its host hook)."""
-  tx, schedule = make(config.optim, trainable, int(config.total_steps))
+  tx, schedule = make(config.optim, trainable, int(config.total_steps),
+                      per_block=_sampling.per_block_optimizers(config, trainable))
   tb = config.get("tempbalance")
   if tb is None or not _tempbalance.RunConfig.from_config(tb).enabled:
     return tx, schedule

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft._core import Adapter, dot, is_adapter, path_str
-from peft._node import adapter_node
+from peft._node import adapter_node, static_field
 
 
 # =========================================================================================================
@@ -34,6 +34,9 @@ class SampledLayers(Adapter):
   base: jax.Array     # [L, ...] every block's weight; the sampled blocks' entries are stale until write-back
   slots: jax.Array    # [gamma, ...] the sampled blocks' weights (trainable)
   idx: jax.Array      # [gamma] int32, ascending: the sampled blocks
+  # L, as tree structure: the trainable part alone (slots, no base) still knows the depth of the stack, which
+  # the optimizer's per-block state store is sized by (`optim/_sampling.py`, `state=persist`).
+  num_blocks: int = static_field(default=0)
 
   trainable_fields = ("slots",)
   trains_base = True
@@ -98,7 +101,7 @@ def sample_layers(params, idx) -> Any:
     if is_adapter(x):
       raise ValueError(f"layer sampling trains whole blocks; {path_str(path)!r} is already an adapter node "
                        f"({type(x).__name__}): sampling over adapters is not supported")
-    return SampledLayers(base=x, slots=jnp.take(x, idx, axis=0), idx=idx)
+    return SampledLayers(base=x, slots=jnp.take(x, idx, axis=0), idx=idx, num_blocks=int(x.shape[0]))
 
   layers = jax.tree_util.tree_map_with_path(wrap, params["layers"], is_leaf=is_adapter)
   return {**params, "layers": layers}

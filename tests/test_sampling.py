@@ -136,11 +136,12 @@ def test_probability_modes():
 # ---------------------------------------------------------------------------------------------------------
 # Steps and resampling, as the trainer runs them
 # ---------------------------------------------------------------------------------------------------------
-def _setup(config, model, trace_log=None):
+def _setup(config, model, trace_log=None, params=None):
   hook = get_hook(config.sampling.method)(config, model)
-  params = hook.init_params(_init(model), None)
+  params = hook.init_params(_init(model) if params is None else params, None)
   trainable, frozen = peft.split(params)
-  tx, schedule = optim.make(config.optim, trainable, 100)
+  tx, schedule = optim.make(config.optim, trainable, 100,
+                            per_block=sampling.per_block_optimizers(config, trainable))
   entry = losses.get("nll")
   if trace_log is not None:
     def fn(*a):
@@ -231,6 +232,7 @@ def test_owlore_galore_slots_restart_with_fresh_projectors():
   config.sampling.method = "lisa"            # same optimizer layout, no calibration needed here
   config.sampling.prob_mode = "uniform"
   config.sampling.gamma = 2
+  config.sampling.state = "reset"
   config.optim.galore.rank = 4
   config.optim.galore.update_proj_gap = 100
   model = _model()
@@ -287,7 +289,7 @@ def test_optimizer_state_shrinks_as_accounted():
   assert abs(lisa_bytes - 2 * 4 * (2 / 8 * layer_numel + other_numel)) <= slack
 
   owl = owlore_config.get_config("model=tiny,smoke")
-  owl.sampling.gamma, owl.optim.galore.rank = 3, 8
+  owl.sampling.gamma, owl.optim.galore.rank, owl.sampling.state = 3, 8, "reset"
   owl_bytes, _ = _opt_bytes(owl, model)
   D, F, hd = c.hidden_size, c.intermediate_size, c.dim_per_head
   kernels = [(D, c.num_heads * hd), (D, c.num_kv_heads * hd), (D, c.num_kv_heads * hd), (c.num_heads * hd, D),
@@ -339,12 +341,15 @@ def test_zero_probability_blocks_fewer_than_gamma_fail():
 def test_owlore_draws_from_the_outlier_ratios_of_the_starting_weights():
   import diagnostics
   config = owlore_config.get_config("model=tiny,smoke")
-  config.sampling.gamma, config.sampling.calibration_batches, config.sampling.outlier_M = 2, 2, 3.0
+  config.sampling.gamma, config.sampling.outlier_M = 2, 3.0
+  config.sampling.calibration_sequences, config.sampling.calibration_batch_size = 6, 4
   model = _model(L=6)
   params = _init(model)
   hook = get_hook("owlore")(config, model)
   frozen = peft.split(hook.init_params(params, None))[1]
-  batches = sampling._calibration_batches(config, 2)
+  sc = sampling.SamplingConfig.from_config(config, 6)
+  batches = sampling.calibration_batches(config, sc)
+  assert [b["inputs"].shape for b in batches] == [(4, config.seq_len), (2, config.seq_len)]
   d = diagnostics.outlier_ratios(model, params, batches, 3.0)
   p = d / d.sum()
   assert np.ptp(p) > 0.01
