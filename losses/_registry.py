@@ -12,11 +12,15 @@ trainer computes only those):
     mask         [B, K, T]     1.0 on completion (loss) tokens                                always
     lengths      [B, K]        mask.sum(-1)                                                   always
     logz         [B, K, T]     log-partition (logsumexp of the logits), for z-loss            "logz"
-    embeddings   [B, K, D]     mean of the final hidden states over completion tokens         "embeddings"
-    prompt_embeddings [B, K, D]  mean over prompt tokens (mask==0, segment!=0)                "embeddings"
+    embeddings   [B, K, D]     mean of the final hidden states over the loss positions        "embeddings"
+    prompt_embeddings [B, K, D]  mean over the prompt's input positions (bos + prompt tokens,  "embeddings"
+                               `losses._outputs.prompt_positions`): no response token seen
+    prompt_last_embeddings [B, K, D]  hidden state at the last prompt token                    "last_hidden"
+    last_embeddings [B, K, D]  hidden state at the last real input (eos): prompt + response    "last_hidden"
     last_logits  [B, K, V]     logits at the last completion token (log_softmax-able)         "last_logits"
     logits       [B, K, T, V]  all logits (memory heavy: ASFT's full-vocabulary KL)           "logits"
     log_sum_sq_probs [B, K, T] log sum_v p_v^2 per token (WPO's weights)                        "log_sum_sq_probs"
+    token_embeddings [V, D]    the model's input embedding table, detached (a ground cost)    "token_embeddings"
 
 `reference` is None when the loss does not declare "reference" in `needs`. Outputs that only some settings
 need are declared by `needs_fn(cfg)` (WPO's weights when `use_weighting`). `losses.model_outputs` computes
@@ -39,7 +43,8 @@ import jax
 Outputs = Mapping[str, jax.Array]
 LossFn = Callable[[Outputs, Outputs | None, Mapping[str, Any], Any], tuple[jax.Array, dict]]
 
-NEEDS = ("reference", "logz", "embeddings", "last_logits", "logits", "log_sum_sq_probs")
+NEEDS = ("reference", "logz", "embeddings", "last_hidden", "last_logits", "logits", "log_sum_sq_probs",
+         "token_embeddings")
 
 
 class LossParams(NamedTuple):
