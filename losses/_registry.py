@@ -29,7 +29,11 @@ them.
 A loss that trains parameters of its own declares them with `params=LossParams(batch_key, init)`:
 `init(cfg, hidden_size, rng)` returns their initial pytree (or None when this configuration trains none);
 the trainer keeps them in the trainable tree and hands them to the loss, inside the differentiated
-function, as `batch[batch_key]`. `batch` is the model batch
+function, as `batch[batch_key]`. A loss that reads a second, frozen model declares it with
+`frozen_model=FrozenModel(batch_key, path, needs)`: when `path(cfg)` names a Hugging Face checkpoint
+directory, the trainer loads it (`models.load_hf`), runs it on the batch's tokens inside the step and hands
+its `Outputs` (those `needs(cfg)` names), detached, to the loss as `batch[batch_key]` (DPO-Kernels'
+frozen encoder). `batch` is the model batch
 (tokens etc. with a [B, K, T] layout) plus task fields (e.g. `scores` [B, K] for lists, `label` [B] for
 unpaired data, `list_mask` [B, K]). `cfg` is the `config.loss` ConfigDict. Metrics use TRL's names.
 """
@@ -52,6 +56,12 @@ class LossParams(NamedTuple):
   init: Callable[[Any, int, jax.Array], Any]       # (cfg, hidden_size, rng) -> pytree or None
 
 
+class FrozenModel(NamedTuple):
+  batch_key: str                                   # where the loss reads its outputs: batch[batch_key]
+  path: Callable[[Any], Optional[str]]             # cfg -> checkpoint directory, or None (not used)
+  needs: Callable[[Any], Any]                      # cfg -> the outputs the loss reads from it
+
+
 @dataclasses.dataclass(frozen=True)
 class LossEntry:
   name: str
@@ -61,6 +71,7 @@ class LossEntry:
   carry: tuple = ()  # ((metric name, batch field), ...): running state the trainer feeds back each step
   needs_fn: Optional[Callable[[Any], Any]] = None   # cfg -> extra needs of this configuration
   params: Optional[LossParams] = None               # parameters the loss trains
+  frozen_model: Optional[FrozenModel] = None        # a frozen model whose outputs the loss reads
 
   def needs_for(self, cfg) -> frozenset:
     """The outputs this loss needs under `cfg` (`config.loss`)."""
@@ -74,12 +85,16 @@ class LossEntry:
     """The initial parameters this loss trains under `cfg`, or None."""
     return None if self.params is None else self.params.init(cfg, hidden_size, rng)
 
+  def frozen_model_path(self, cfg) -> Optional[str]:
+    """The checkpoint of the frozen model this loss reads under `cfg`, or None."""
+    return None if self.frozen_model is None else self.frozen_model.path(cfg)
+
 
 _REGISTRY: dict[str, LossEntry] = {}
 
 
 def register(name: str, *, needs=(), kind: str = "pairwise", carry=(), needs_fn=None,
-             params: Optional[LossParams] = None):
+             params: Optional[LossParams] = None, frozen_model: Optional[FrozenModel] = None):
   """Decorator: `@register("dpo", needs=("reference",))`.
 
   `carry` lists (metric, batch field) pairs: the trainer puts the value a step returned as `metric` into the
@@ -91,7 +106,8 @@ def register(name: str, *, needs=(), kind: str = "pairwise", carry=(), needs_fn=
   def deco(fn):
     if name in _REGISTRY:
       raise ValueError(f"loss {name!r} registered twice")
-    _REGISTRY[name] = LossEntry(name, fn, frozenset(needs), kind, tuple(carry), needs_fn, params)
+    _REGISTRY[name] = LossEntry(name, fn, frozenset(needs), kind, tuple(carry), needs_fn, params,
+                                frozen_model)
     return fn
   return deco
 
