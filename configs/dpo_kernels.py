@@ -32,6 +32,7 @@ def get_config(arg=None):
   c.loss.embedding_source = arg.source    # policy_hidden | reference_hidden | frozen_encoder | batch
   c.loss.embedding_pool = arg.pool        # mean (prompt / response positions) | last (last prompt token / eos)
   c.loss.encoder_path = ""                # frozen_encoder: HF checkpoint directory (shares the tokenizer)
+  c.loss.embedding_dim = 0                # width of trained kernel parameters; 0 = the embedder's (batch: set it)
   c.loss.gamma = 0.1                      # weight of the kernel log-ratio (dpo_compatible)
   c.loss.kernel_scale = 1.0               # kappa (faithful)
   c.loss.divergence_scale = 0.1           # alpha: weight of D(pi || pi_ref) at the last chosen token

@@ -113,7 +113,7 @@ def embeddings(cfg, policy, reference, batch):
     missing = [k for k in ("e_x", "e_c", "e_r") if k not in batch]
     if missing:
       raise ValueError(f"embedding_source='batch' reads precomputed embeddings batch['e_x'], ['e_c'], ['e_r'] "
-                       f"[B, D]; missing {missing} (set data.embedding_fields to the record fields holding "
+                       f"[B, D]; missing {missing} (set data.embeddings_field to the record fields holding "
                        f"them, or use embedding_source='frozen_encoder' with loss.encoder_path)")
     e = (batch["e_x"], batch["e_c"], batch["e_r"])
   else:
@@ -205,7 +205,9 @@ def divergence_term(cfg, policy, reference, batch):
 
 def _init_loss_params(cfg, hidden_size: int, rng):
   """HMK trains its kernel-mixture parameters, a learned Mahalanobis its factor L; the others train none.
-  `hidden_size` is the width of the embeddings the kernel reads (the frozen encoder's, when one is used)."""
+  `hidden_size` is the width of the embeddings the kernel reads (the frozen encoder's, when one is used);
+  `cfg.embedding_dim` overrides it (precomputed embeddings in the data have a width the trainer cannot see)."""
+  hidden_size = int(cfg.get("embedding_dim", 0) or hidden_size)
   if cfg.get("kernel") == "hmk":
     return ker.init_hmk_params(hidden_size, rng)
   if cfg.get("kernel") == "mahalanobis" and cfg.get("maha_sigma_inv", "identity") == "learned":

@@ -309,3 +309,53 @@ def test_frozen_encoder_end_to_end_from_an_hf_checkpoint(tmp_path):
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   assert np.isfinite(summary["after"]["loss"])
   assert summary["state"].params[build.LOSS_PARAMS]["maha_chol"].shape == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Embeddings precomputed into the data (embedding_source="batch").
+# ------------------------------------------------------------------------------------------------
+def _write_records(path, n, dim, seed=0):
+  import json
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for i in range(n):
+      a, b = (str(v) for v in rng.integers(10, 99, size=2))
+      f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(int(a) + int(b)), "rejected": str(int(a) - 1),
+                          **{k: rng.normal(size=dim).tolist() for k in ("e_x", "e_c", "e_r")}}) + "\n")
+
+
+def test_precomputed_embedding_fields_reach_the_batch(tmp_path):
+  import json
+  _write_records(tmp_path / "train.jsonl", 3, 6)
+  cfg = data.default_config()
+  cfg.update({"pref_kind": "pairwise", "tokenizer": "char", "source": "jsonl",
+              "path": str(tmp_path / "{split}.jsonl"), "embeddings_field": "e_x,e_c,e_r"})
+  batch = next(iter(data.get_dataset(cfg, "train", tokenizer=TOK, batch_size=3, seq_len=16, seed=0, train=False)))
+  recs = [json.loads(l) for l in open(tmp_path / "train.jsonl")]
+  for key in ("e_x", "e_c", "e_r"):
+    np.testing.assert_allclose(batch[key], np.asarray([r[key] for r in recs], np.float32))
+  bad = dict(recs[0], e_r=recs[0]["e_r"][:-1])
+  with pytest.raises(data.DataError, match="different lengths"):
+    data.record_preference(bad, "pairwise", data._preference.Fields(embeddings="e_x,e_c,e_r"))
+  cfg.pref_kind = "listwise"
+  with pytest.raises(ValueError, match="embeddings_field"):
+    data.get_dataset(cfg, "train", tokenizer=TOK, batch_size=3, seq_len=16)
+
+
+@pytest.mark.slow
+def test_batch_source_end_to_end_from_a_jsonl_file(tmp_path):
+  import train_lib
+  from configs import dpo_kernels
+  for split, n in (("train", 16), ("test", 4)):
+    _write_records(tmp_path / f"{split}.jsonl", n, 6, seed=len(split))
+  config = dpo_kernels.get_config("model=tiny,smoke,mode=faithful,source=batch,kernel=mahalanobis")
+  config.data.update({"source": "jsonl", "path": str(tmp_path / "{split}.jsonl"), "tokenizer": "char",
+                      "embeddings_field": "e_x,e_c,e_r"})
+  config.loss.maha_sigma_inv = "learned"
+  config.loss.embedding_dim = 6
+  config.total_steps = 3
+  config.eval_before = False
+  config.eval.num_examples = 0
+  summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(summary["after"]["loss"])
+  assert summary["state"].params["loss_params"]["maha_chol"].shape == (6, 6)
