@@ -215,8 +215,24 @@ def _init_loss_params(cfg, hidden_size: int, rng):
   return None
 
 
+def check_config(cfg):
+  """Raises a ValueError naming the valid options for a wrong one (the trainer asks before any compile)."""
+  for key, default, valid in (("mode", "dpo_compatible", MODES),
+                              ("embedding_source", "policy_hidden", EMBEDDING_SOURCES),
+                              ("embedding_pool", "mean", EMBEDDING_POOLS),
+                              ("wasserstein_cost", "embedding", WASSERSTEIN_COSTS),
+                              ("kernel", "rbf", ker.KERNELS + ("hmk",)),
+                              ("divergence", "kl", div.DIVERGENCES)):
+    if cfg.get(key, default) not in valid:
+      raise ValueError(f"loss.{key}={cfg.get(key)!r}; valid: {', '.join(valid)}")
+  sigma_inv = cfg.get("maha_sigma_inv", "identity")
+  if sigma_inv not in ("identity", "learned") and not str(sigma_inv).endswith(".npy"):
+    raise ValueError(f"loss.maha_sigma_inv={sigma_inv!r}; valid: identity, learned, or a path to a .npy file")
+
+
 def _needs(cfg):
-  """The outputs this configuration reads beyond ("reference", "last_logits")."""
+  """The outputs this configuration reads beyond ("reference", "last_logits"); checks the options first."""
+  check_config(cfg)
   needs = set()
   weight = cfg.get("kernel_scale", 1.0) if cfg.get("mode", "dpo_compatible") == "faithful" else cfg.get("gamma", 1.0)
   if weight != 0.0 and cfg.get("embedding_source", "policy_hidden") in ("policy_hidden", "reference_hidden"):

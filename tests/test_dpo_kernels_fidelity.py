@@ -359,3 +359,16 @@ def test_batch_source_end_to_end_from_a_jsonl_file(tmp_path):
   summary = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
   assert np.isfinite(summary["after"]["loss"])
   assert summary["state"].params["loss_params"]["maha_chol"].shape == (6, 6)
+
+
+def test_wrong_options_fail_before_any_compile():
+  from configs import dpo_kernels
+  from train_lib import validate
+  for key, value, match in (("embedding_source", "cls", "valid: policy_hidden"), ("embedding_pool", "max", "mean"),
+                            ("mode", "paper", "faithful"), ("wasserstein_cost", "l2", "discrete"),
+                            ("maha_sigma_inv", "diag", "npy"), ("embedding_source", "frozen_encoder", "encoder_path")):
+    config = dpo_kernels.get_config("model=tiny,smoke")
+    config.loss[key] = value
+    with pytest.raises(validate.ConfigError, match=match):
+      validate.validate(config)
+  validate.validate(dpo_kernels.get_config("model=tiny,smoke,mode=faithful,pool=last"))
