@@ -372,3 +372,43 @@ def test_wrong_options_fail_before_any_compile():
     with pytest.raises(validate.ConfigError, match=match):
       validate.validate(config)
   validate.validate(dpo_kernels.get_config("model=tiny,smoke,mode=faithful,pool=last"))
+
+
+def test_precomputed_frozen_encoder_embeddings_equal_the_online_ones(tmp_path):
+  """embed.embed_records writes the frozen encoder's embeddings into the records; read back through
+  data.embeddings_field (source=batch) they give the kernel term the trainer computes online."""
+  import json
+  import peft
+  from configs import dpo_kernels
+  from train_lib import build, embed
+  from train_lib import train as train_mod
+  enc_cfg = models.DecoderConfig.tiny(vocab_size=TOK.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                                      num_kv_heads=1, intermediate_size=48)
+  models.save_hf(str(tmp_path / "encoder"), enc_cfg, models.Decoder(enc_cfg).init(jax.random.PRNGKey(3)))
+  records = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in
+             (("12+3=", "15", "14"), ("7+8=", "15", "16"), ("40+2=", "42", "24"))]
+  config = dpo_kernels.get_config("model=tiny,smoke,mode=faithful,source=frozen_encoder,pool=last")
+  config.loss.encoder_path = str(tmp_path / "encoder")
+  config.loss.divergence_scale = 0.0
+  config.seq_len = 16
+  config.data.update({"source": "jsonl", "path": str(tmp_path / "{split}.jsonl"), "tokenizer": "char"})
+  rows = embed.embed_records(records, config, batch_size=2)
+  assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == records
+  with open(tmp_path / "train.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.embeddings_field = "e_x,e_c,e_r"
+  batch = next(iter(data.get_dataset(data_cfg, "train", tokenizer=TOK, batch_size=3, seq_len=16, train=False)))
+  policy, params = _tiny_model(0)
+  encoder, enc_params = build.frozen_loss_model(config, TOK)
+  trainable, frozen = peft.split(params)
+  entry = losses.get("dpo_kernels")
+  model_batch = {k: batch[k] for k in data.FIELDS}
+  _, online = train_mod.loss_and_metrics(trainable, frozen, params, model_batch, None, enc_params, model=policy,
+                                         loss_entry=entry, loss_cfg=config.loss, frozen_model=encoder)
+  cfg_batch = config.loss.copy_and_resolve_references()
+  cfg_batch.embedding_source = "batch"
+  _, offline = train_mod.loss_and_metrics(trainable, frozen, params, dict(batch), None, model=policy,
+                                          loss_entry=entry, loss_cfg=cfg_batch)
+  assert abs(float(online["kernel/log_ratio"])) > 1e-4
+  assert float(offline["kernel/log_ratio"]) == pytest.approx(float(online["kernel/log_ratio"]), rel=1e-5)
