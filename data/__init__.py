@@ -11,7 +11,7 @@
 
 Preference data (`cfg.pref_kind = "pairwise" | "unpaired" | "listwise"`): the same `get_dataset` gives
 [B, K, T] batches (one padded row per sequence; `scores`, `list_mask`, `label`, `ref_logps`,
-`example_mask` beside them) with the same iterator; `preference_eval_examples(cfg, "test", n)` gives
+precomputed embeddings `e_x`, `e_c`, `e_r`, `example_mask` beside them) with the same iterator; `preference_eval_examples(cfg, "test", n)` gives
 validated `PreferenceRecord`s and `preference_batch` their batch. The built-in tasks have preference
 versions with graded wrong answers (`generate_preference`).
 

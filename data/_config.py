@@ -78,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
                                      # configs/precompute.py; needs packing="none" (one example per row)
   c.ref_logps_field = _ph(str)  # precomputed reference log-probs: a
                                      # field with one number per sequence, or "a,b" one field per sequence
+  c.embeddings_field = _ph(str)  # pairwise: "e_x,e_c,e_r", the record fields holding precomputed prompt,
+                                     # chosen and rejected embeddings (lists of D numbers; e.g. a frozen
+                                     # encoder's, for DPO-Kernels' embedding_source="batch")
   c.list_size = 4                    # listwise K: shorter lists are padded (list_mask), longer are invalid
   # listwise records for a pairwise loss: None (refused) | best_worst (the top- against the bottom-scored
   # entry) | all_pairs (every pair of different scores) | adjacent (neighbours in score order). Each pair

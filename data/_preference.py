@@ -32,6 +32,8 @@ responses start after the shortest common prefix of the prompt's own tokens with
     list_mask     [B, K]  float32   listwise: 1 = a real entry; padding entries are empty rows (all masks 0)
     label         [B]     bool      unpaired: True = desirable
     ref_logps     [B, K]  float32   with `ref_logps_field`: reference log-probs precomputed per sequence
+    e_x, e_c, e_r [B, D]  float32   pairwise, with `embeddings_field` ("x,c,r"): precomputed embeddings of
+                                    the prompt, the chosen and the rejected response
     example_mask  [B]     float32   1 = a real example; 0 on the filler rows of the last eval batch
 
 Worked example (CharTokenizer: bos 1, eos 2, "a" 13, "x" 36, "y" 37): prompt "a", chosen "xy",
@@ -63,6 +65,7 @@ dataset's `report` (`report.summary()`).
   - bad_score: a score that is not a finite number, a rank that is not an integer >= 1;
   - too_few_responses: fewer than 2 valid list entries; list_too_long: more than `list_size`;
   - bad_ref_logps: precomputed reference log-probs that are not one finite number per sequence;
+  - bad_embeddings: precomputed embeddings that are not lists of finite numbers of one length;
   - bad_json, bad_messages, unencodable, too_long, empty_after_truncation: as for SFT.
 A list *entry* with an empty (or whitespace-only) response, a null / NaN score, or a response equal to an
 earlier entry's (`duplicate_entry`, the first is kept) is dropped from its list and counted in
@@ -109,7 +112,7 @@ from data._sources import DataError
 KINDS = _config.PREF_KINDS
 LIST_TO_PAIRS = ("best_worst", "all_pairs", "adjacent")
 PREF_REASONS = _sft.REASONS + ("identical_responses", "bad_label", "length_mismatch", "bad_score",
-                               "too_few_responses", "list_too_long", "bad_ref_logps")
+                               "too_few_responses", "list_too_long", "bad_ref_logps", "bad_embeddings")
 
 Render = Callable[[list], tuple[str, str]]           # chat messages -> (prompt text, response text)
 
@@ -125,10 +128,11 @@ class Fields(NamedTuple):
   scores: str = "scores"
   ranks: str = "ranks"
   ref_logps: str | None = None
+  embeddings: str | None = None
 
   @classmethod
   def from_config(cls, cfg) -> "Fields":
-    return cls(*(cfg[f"{f}_field"] for f in cls._fields))
+    return cls(*(cfg.get(f"{f}_field") for f in cls._fields))
 
 
 class PreferenceRecord(NamedTuple):
@@ -140,6 +144,7 @@ class PreferenceRecord(NamedTuple):
   ref_logps: tuple[float, ...] | None = None   # one per response, with ref_logps_field
   chat: bool = False                           # rendered with a chat template (its turns end themselves)
   answers: tuple[str, ...] | None = None       # chat: each response's message content (what a model generates)
+  embeddings: tuple[tuple[float, ...], ...] | None = None   # pairwise: (e_x, e_c, e_r) with embeddings_field
 
 
 class PreferenceExample(NamedTuple):
@@ -147,6 +152,7 @@ class PreferenceExample(NamedTuple):
   scores: np.ndarray | None        # [n] float32, listwise
   label: bool | None               # unpaired
   ref_logps: np.ndarray | None     # [n] float32
+  embeddings: np.ndarray | None = None   # [3, D] float32: e_x, e_c, e_r (pairwise, embeddings_field)
 
 
 class PreferenceReport(SkipReport):
@@ -247,6 +253,22 @@ def _ref_logps(record: dict, spec: str, n: int) -> list[float]:
   return [float(v) for v in values]
 
 
+def _embeddings(record: dict, spec: str) -> tuple[tuple[float, ...], ...]:
+  """(e_x, e_c, e_r) from the three fields named by `spec` ("x,c,r"): lists of finite numbers, one length."""
+  names = [s.strip() for s in spec.split(",")]
+  out = []
+  for name in names:
+    value = _present(record, name)
+    if (not isinstance(value, (list, tuple)) or not value
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) for v in value)):
+      raise DataError("bad_embeddings", f"{name!r} must be a non-empty list of finite numbers")
+    out.append(tuple(float(v) for v in value))
+  if len({len(v) for v in out}) != 1:
+    raise DataError("bad_embeddings", f"{', '.join(map(repr, names))} have different lengths "
+                    f"{[len(v) for v in out]}")
+  return tuple(out)
+
+
 def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, render: Render | None = None,
                       list_size: int = 4, allow_identical: bool = False
                       ) -> tuple[PreferenceRecord, collections.Counter]:
@@ -336,8 +358,9 @@ def record_preference(record: Any, kind: str, fields: Fields = Fields(), *, rend
   else:
     raise ValueError(f"unknown preference kind {kind!r}; valid: {', '.join(KINDS)}")
   chat = prompt_msgs is not None
+  embeddings = _embeddings(record, fields.embeddings) if fields.embeddings and kind == "pairwise" else None
   return PreferenceRecord(prompt_text, tuple(responses), scores, label, tuple(refs) if refs else None, chat,
-                          tuple(contents) if chat else None), dropped
+                          tuple(contents) if chat else None, embeddings), dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,7 +395,8 @@ def encode_preference(rec: PreferenceRecord, tokenizer, kind: str, *, seq_len: i
     raise DataError("identical_responses", f"chosen and rejected are the same {len(seqs[0].tokens)} tokens "
                     f"after truncation to seq_len {seq_len}")
   pick = lambda v: None if v is None else np.asarray(v, np.float32)[keep]
-  return PreferenceExample(tuple(seqs), pick(rec.scores), rec.label, pick(rec.ref_logps)), dropped
+  emb = None if rec.embeddings is None else np.asarray(rec.embeddings, np.float32)
+  return PreferenceExample(tuple(seqs), pick(rec.scores), rec.label, pick(rec.ref_logps), emb), dropped
 
 
 def list_pairs(scores: Sequence[float], rule: str) -> tuple[list[tuple[int, int]], int]:
@@ -472,6 +496,12 @@ def layout(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, li
     batch["ref_logps"] = np.zeros((b, k), np.float32)
     for i, ex in enumerate(examples):
       batch["ref_logps"][i, :len(ex.ref_logps)] = ex.ref_logps
+  with_emb = [ex.embeddings is not None for ex in examples]
+  if any(with_emb):
+    if not all(with_emb) or len({ex.embeddings.shape for ex in examples}) != 1:
+      raise ValueError("precomputed embeddings must come with every example, of one dimension")
+    stacked = np.stack([ex.embeddings for ex in examples])          # [B, 3, D]
+    batch.update(e_x=stacked[:, 0], e_c=stacked[:, 1], e_r=stacked[:, 2])
   batch["example_mask"] = np.ones(b, np.float32)
   return batch
 
@@ -551,6 +581,12 @@ def preference_config(config):
       raise ValueError(f"list_to_pairs={cfg.list_to_pairs!r}; valid: None, {', '.join(LIST_TO_PAIRS)}")
     if cfg.pref_kind != "listwise":
       raise ValueError(f"list_to_pairs turns listwise records into pairs; pref_kind is {cfg.pref_kind!r}")
+  if cfg.get("embeddings_field"):
+    if cfg.pref_kind != "pairwise":
+      raise ValueError(f"embeddings_field holds (prompt, chosen, rejected) embeddings of pairwise records; "
+                       f"pref_kind is {cfg.pref_kind!r}")
+    if len(cfg.embeddings_field.split(",")) != 3:
+      raise ValueError(f"embeddings_field {cfg.embeddings_field!r} must name 3 fields: prompt, chosen, rejected")
   if cfg.ref_logps_field:
     names = len(cfg.ref_logps_field.split(","))
     if cfg.pref_kind == "unpaired" and cfg.unpaired_kl:
@@ -572,7 +608,8 @@ def record_reader(cfg, source, tokenizer=None) -> Callable[[Any], tuple[Preferen
   """record -> (PreferenceRecord, dropped list entries) for the source's format (`data._formats`)."""
   fmt = _config.record_format(cfg, source)
   chat = _config.ChatTemplate(cfg, tokenizer)
-  fields = Fields.from_config(cfg) if fmt == "fields" else Fields(ref_logps=cfg.ref_logps_field)
+  fields = (Fields.from_config(cfg) if fmt == "fields" else
+            Fields(ref_logps=cfg.ref_logps_field, embeddings=cfg.get("embeddings_field")))
 
   def read(record):
     if fmt != "fields":

@@ -4,7 +4,7 @@
     policy = losses.model_outputs(model, params, batch, entry.needs_for(config.loss))
     loss, metrics = entry.fn(policy, reference, batch, config.loss)
 """
-from losses._registry import NEEDS, LossEntry, LossParams, Outputs, get, names, register
+from losses._registry import NEEDS, FrozenModel, LossEntry, LossParams, Outputs, get, names, register
 from losses._outputs import model_outputs
 from losses import _sft  # noqa: F401  (registers nll)
 from losses._sft import masked_mean, nll_loss
@@ -14,6 +14,7 @@ from losses._dpo import LOSS_TYPES as DPO_LOSS_TYPES, dpo_loss, f_divergence_sco
 from losses._pairwise_ref_free import cpo_loss, orpo_loss, simpo_loss
 from losses._unpaired import bco_loss, bco_reward_shift, kto_loss
 from losses._listwise import listmle_loss, listnet_loss, lipo_loss, pro_loss
-from losses._kernels import KERNELS, hmk_weights, init_hmk_params, log_hmk
+from losses._kernels import (KERNELS, hmk_weights, init_hmk_params, log_hmk,
+                             mahalanobis_precision_from_embeddings)
 from losses._divergences import DIVERGENCES, divergence
 from losses._dpo_kernels import dpo_kernels_loss, format_selection_table, select_kernel_divergence

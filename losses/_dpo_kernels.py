@@ -8,51 +8,71 @@ anonymous-panda123/DPO-Kernels (`DPO_Kernels.py`, `Hierarchical_Mixture_of_Kerne
     D            = D(pi(.|x, y_c) || pi_ref(.|x, y_c)) at the last chosen token   (losses/_divergences.py)
 
 Two modes (`cfg.mode`); say which one ran when reporting results:
-  faithful        the reference code's formula: no beta, no log-sigmoid, no reference in the first term,
+  faithful        the reference code's objective (`CustomDPOTrainer._compute_loss`): no beta, no log-sigmoid,
+                  the policy's log-ratio without the reference, the reference model only inside D:
                     loss = mean(-kappa (logpi(y_c) - logpi(y_r) + kernel_ratio) + divergence_scale * D)
                   kappa = kernel_scale = 1.0. It is linear in the log-probs and unbounded below: training can
                   diverge by pushing logpi(y_r) to -inf.
-  dpo_compatible  (default) our proposal, not the paper's:
+  dpo_compatible  (default) OURS, not the paper's: the kernel ratio inside DPO's log-sigmoid,
                     loss = mean(-log sig(beta [(rho_c - rho_r) + gamma kernel_ratio]) + divergence_scale * D)
-                  With gamma = 0 and divergence_scale = 0 it is exactly DPO's sigmoid loss.
+                  rho = logpi - logpi_ref. With gamma = 0 and divergence_scale = 0 it is exactly DPO's sigmoid.
 
-Embeddings (`cfg.embedding_source`):
-  policy_hidden     (default) e_c, e_r = `policy["embeddings"]` (mean of the policy's final hidden states over
-                    the completion), e_x = `policy["prompt_embeddings"][:, 0]` (over the prompt). The kernel
-                    term then has a gradient and shapes the policy.
-  reference_hidden  the same from the reference model: a frozen encoder for free, like the reference code's
-                    frozen BERT, so only the HMK parameters get the kernel term's gradient.
-  batch             precomputed frozen-encoder embeddings `batch["encoder_embeddings"] [B, 2, D]` and
-                    `batch["encoder_prompt_embeddings"] [B, D]` (the reference code's CLS vectors).
+Embeddings (`cfg.embedding_source`), pooled by `cfg.embedding_pool`:
+  policy_hidden     (default) the policy's final hidden states, so the kernel term has a gradient and shapes
+                    the policy (ours: the paper embeds with a frozen encoder).
+  reference_hidden  the same from the reference model (frozen, no gradient to the policy).
+  frozen_encoder    the paper's source: a frozen checkpoint (`cfg.encoder_path`, an HF directory the
+                    project's loader reads) run by the trainer on the batch's tokens, its outputs in
+                    `batch["encoder_outputs"]` (the registration's `FrozenModel`). No gradient reaches it.
+  batch             embeddings precomputed into the data: `batch["e_x"]` [B, D], `batch["e_c"]`,
+                    `batch["e_r"]` [B, D] (e.g. a BERT's CLS vectors, as the reference code uses).
+  embedding_pool: mean  (default) e_x = mean over the prompt's input positions (bos + prompt, nothing of
+                        the response), e_y = mean over the response's loss positions;
+                  last  e_x = the state at the last prompt token, e_y = the state at the eos input, which
+                        has seen prompt and response (a causal model's sequence embedding; the reference
+                        code embeds prompt + response and takes its first, CLS, position, which a causal
+                        decoder cannot offer: its first position sees bos only).
 
 Kernels (`cfg.kernel`): polynomial (poly_c = 1, poly_degree = 2), rbf (rbf_sigma = 1), spectral
-(spectral_lambdas = (1,), spectral_alphas = (1,)), mahalanobis (factor L from
-`batch["hmk_params"]["maha_chol"]` if given, else I; maha_eps = 1e-6), or hmk. The HMK parameters are
-trainable: the loss declares them at registration (`LossParams("hmk_params", ...)`), so the trainer keeps
-`init_hmk_params(dim)` in its trainable tree and passes them to the loss as `batch["hmk_params"]` inside the
-differentiated function, where they receive gradients with the policy.
-`hmk_entropy_coef` (default 0) subtracts coef * entropy of the mixture weights (form unverified).
+(spectral_lambdas = (1,), spectral_alphas = (1,)), mahalanobis, or hmk. Mahalanobis's Sigma^-1
+(`cfg.maha_sigma_inv`): "identity" (then it equals RBF with sigma = 1), a path to a `.npy` [D, D] file
+(e.g. `losses.mahalanobis_precision_from_embeddings` of the data's embeddings, saved), or "learned": a
+trained Cholesky factor L (S = L L^T + maha_eps I, PSD by construction) initialised to I. The trained
+parameters (HMK's, or the learned L) are declared at registration (`LossParams("hmk_params", ...)`): the
+trainer keeps them in its trainable tree and passes them as `batch["hmk_params"]` inside the
+differentiated function. `hmk_entropy_coef` (default 0) subtracts coef * entropy of the mixture weights
+(form unverified).
 
-Divergences (`cfg.divergence`): kl, js, hellinger, renyi (renyi_a = 1.01), bhattacharyya, wasserstein
-(top-k Sinkhorn, wasserstein_k = 32, token embeddings for the ground cost from
-`batch["token_embeddings"] [V, D]` if given), f (cfg.f_generator: a name in F_GENERATORS or a callable).
-The divergence is taken from `last_logits` ([B, K, V]) in float32, at the chosen completion's last token,
-as the reference code does (one position keeps the cost at B x V).
+Divergences (`cfg.divergence`): kl, js, hellinger, renyi (renyi_a = 1.01), bhattacharyya, wasserstein,
+f (cfg.f_generator: a name in F_GENERATORS or a callable). The divergence is taken from `last_logits`
+([B, K, V]) in float32 at the chosen completion's last loss position, as the reference code does (one
+position keeps the cost at B x V); it needs the reference model's logits, so precomputed reference log-probs
+(`ref_logps` in the batch) allow only `divergence_scale = 0`. Wasserstein: entropic OT (Sinkhorn,
+`wasserstein_epsilon` relative to the largest cost, `wasserstein_iters`) on the top-`wasserstein_k`
+support, with the ground cost `wasserstein_cost`: "embedding" (default) the Euclidean distance between the
+support tokens' rows of the model's input embedding table (the declared output "token_embeddings"),
+"discrete" the 0/1 metric (W1 is then the total variation on the support). The reference code solves
+exact OT with a caller-given V x V cost matrix.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from losses import _divergences as div
 from losses import _kernels as ker
 from losses._dpo import reward_metrics
-from losses._registry import LossParams, register
+from losses._registry import FrozenModel, LossParams, register
 
 MODES = ("faithful", "dpo_compatible")
-EMBEDDING_SOURCES = ("policy_hidden", "reference_hidden", "batch")
+EMBEDDING_SOURCES = ("policy_hidden", "reference_hidden", "frozen_encoder", "batch")
+EMBEDDING_POOLS = ("mean", "last")
+WASSERSTEIN_COSTS = ("embedding", "discrete")
+ENCODER_KEY = "encoder_outputs"     # batch[ENCODER_KEY]: the frozen encoder's Outputs (the trainer's)
 
 F_GENERATORS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "kl": lambda t: t * jnp.log(t),
@@ -63,18 +83,69 @@ F_GENERATORS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def _embeddings(source, policy, reference, batch):
+def _pooled(outputs, pool, what):
+  """(e_x, e_c, e_r) from a model's Outputs, pooled by `pool`."""
+  keys = {"mean": ("prompt_embeddings", "embeddings"), "last": ("prompt_last_embeddings", "last_embeddings")}
+  if pool not in keys:
+    raise ValueError(f"unknown embedding_pool {pool!r}; valid: {EMBEDDING_POOLS}")
+  prompt_key, seq_key = keys[pool]
+  if outputs is None or prompt_key not in outputs:
+    raise ValueError(f"embedding_source needs the {what}'s hidden states, which this run does not compute "
+                     + ("(reference log-probs precomputed into the data carry none: use "
+                        "embedding_source='policy_hidden', 'frozen_encoder' or 'batch', or drop "
+                        "data.ref_logps_field)" if what == "reference model" else ""))
+  return outputs[prompt_key][:, 0], outputs[seq_key][:, 0], outputs[seq_key][:, 1]
+
+
+def embeddings(cfg, policy, reference, batch):
+  """(e_x [B, D], e_c [B, D], e_r [B, D]) from `cfg.embedding_source` (see the module docstring)."""
+  source, pool = cfg.get("embedding_source", "policy_hidden"), cfg.get("embedding_pool", "mean")
   if source == "policy_hidden":
-    return policy["prompt_embeddings"][:, 0], policy["embeddings"][:, 0], policy["embeddings"][:, 1]
+    return _pooled(policy, pool, "policy")
   if source == "reference_hidden":
-    e_x, e_c, e_r = (reference["prompt_embeddings"][:, 0], reference["embeddings"][:, 0],
-                     reference["embeddings"][:, 1])
+    e = _pooled(reference, pool, "reference model")
+  elif source == "frozen_encoder":
+    if ENCODER_KEY not in batch:
+      raise ValueError(f"embedding_source='frozen_encoder' reads batch[{ENCODER_KEY!r}], which the trainer "
+                       f"fills from the checkpoint named by loss.encoder_path (empty here?)")
+    e = _pooled(batch[ENCODER_KEY], pool, "frozen encoder")
   elif source == "batch":
-    e_x, e_c, e_r = (batch["encoder_prompt_embeddings"], batch["encoder_embeddings"][:, 0],
-                     batch["encoder_embeddings"][:, 1])
+    missing = [k for k in ("e_x", "e_c", "e_r") if k not in batch]
+    if missing:
+      raise ValueError(f"embedding_source='batch' reads precomputed embeddings batch['e_x'], ['e_c'], ['e_r'] "
+                       f"[B, D]; missing {missing} (set data.embeddings_field to the record fields holding "
+                       f"them, or use embedding_source='frozen_encoder' with loss.encoder_path)")
+    e = (batch["e_x"], batch["e_c"], batch["e_r"])
   else:
     raise ValueError(f"unknown embedding_source {source!r}; valid: {EMBEDDING_SOURCES}")
-  return tuple(jax.lax.stop_gradient(e) for e in (e_x, e_c, e_r))
+  e = tuple(jnp.asarray(x) for x in e)
+  return tuple(jax.lax.stop_gradient(x.astype(jnp.promote_types(x.dtype, jnp.float32))) for x in e)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_precision(path: str) -> np.ndarray:
+  s = np.load(path)
+  if s.ndim != 2 or s.shape[0] != s.shape[1]:
+    raise ValueError(f"maha_sigma_inv file {path!r} must hold a square [D, D] matrix, got shape {s.shape}")
+  return s
+
+
+def mahalanobis_params(cfg, hmk_params, dim: int) -> dict:
+  """The keyword arguments of `log_mahalanobis` for `cfg.maha_sigma_inv`."""
+  which = cfg.get("maha_sigma_inv", "identity")
+  eps = cfg.get("maha_eps", 1e-6)
+  if which == "identity":
+    return {"chol": None, "eps": eps}
+  if which == "learned":
+    if hmk_params is None or "maha_chol" not in hmk_params:
+      raise ValueError("maha_sigma_inv='learned' needs batch['hmk_params']['maha_chol'] (the trainer passes "
+                       "the loss's own parameters; see losses.LossParams)")
+    return {"chol": hmk_params["maha_chol"], "eps": eps}
+  precision = _load_precision(str(which))
+  if precision.shape[0] != dim:
+    raise ValueError(f"maha_sigma_inv {which!r} is {precision.shape[0]} x {precision.shape[0]}, the embeddings "
+                     f"have dimension {dim}")
+  return {"precision": precision}
 
 
 def kernel_term(cfg, e_x, e_c, e_r, batch):
@@ -92,8 +163,7 @@ def kernel_term(cfg, e_x, e_c, e_r, batch):
       "rbf": lambda: {"sigma": cfg.get("rbf_sigma", 1.0)},
       "spectral": lambda: {"lambdas": tuple(cfg.get("spectral_lambdas", (1.0,))),
                            "alphas": tuple(cfg.get("spectral_alphas", (1.0,)))},
-      "mahalanobis": lambda: {"chol": None if hmk_params is None else hmk_params["maha_chol"],
-                              "eps": cfg.get("maha_eps", 1e-6)},
+      "mahalanobis": lambda: mahalanobis_params(cfg, hmk_params, e_x.shape[-1]),
   }
   if kind not in params:
     raise ValueError(f"unknown kernel {kind!r}; valid: {ker.KERNELS + ('hmk',)}")
@@ -107,6 +177,11 @@ def _log_softmax32(logits):
 
 def divergence_term(cfg, policy, reference, batch):
   """D(pi || pi_ref) [B] at the last chosen token."""
+  if reference is None or "last_logits" not in reference:
+    raise ValueError("the DPO-Kernels divergence D(pi || pi_ref) needs the reference model's last-token "
+                     "logits, and reference log-probs precomputed into the data (data.ref_logps_field) carry "
+                     "none: set loss.divergence_scale=0, or drop data.ref_logps_field so that the reference "
+                     "model runs")
   logp = _log_softmax32(policy["last_logits"][:, 0])
   logq = jax.lax.stop_gradient(_log_softmax32(reference["last_logits"][:, 0]))
   name = cfg.get("divergence", "kl")
@@ -114,17 +189,78 @@ def divergence_term(cfg, policy, reference, batch):
   f = F_GENERATORS[f] if isinstance(f, str) else f
   extra = {}
   if name == "wasserstein":
-    extra = {"k": cfg.get("wasserstein_k", 32), "token_embeddings": batch.get("token_embeddings", None)}
+    cost = cfg.get("wasserstein_cost", "embedding")
+    if cost not in WASSERSTEIN_COSTS:
+      raise ValueError(f"unknown wasserstein_cost {cost!r}; valid: {WASSERSTEIN_COSTS}")
+    table = None
+    if cost == "embedding":
+      table = policy.get("token_embeddings", batch.get("token_embeddings", None))
+      if table is None:
+        raise ValueError("wasserstein_cost='embedding' needs the input embedding table (the declared output "
+                         "'token_embeddings' of losses.model_outputs)")
+    extra = {"k": cfg.get("wasserstein_k", 32), "token_embeddings": table,
+             "epsilon": cfg.get("wasserstein_epsilon", 0.01), "iters": cfg.get("wasserstein_iters", 200)}
   return div.divergence(name, logp, logq, renyi_a=cfg.get("renyi_a", 1.01), f=f, **extra)
 
 
 def _init_loss_params(cfg, hidden_size: int, rng):
-  """HMK trains its kernel-mixture parameters; the other kernels train none."""
-  return ker.init_hmk_params(hidden_size, rng) if cfg.get("kernel") == "hmk" else None
+  """HMK trains its kernel-mixture parameters, a learned Mahalanobis its factor L; the others train none.
+  `hidden_size` is the width of the embeddings the kernel reads (the frozen encoder's, when one is used);
+  `cfg.embedding_dim` overrides it (precomputed embeddings in the data have a width the trainer cannot see)."""
+  hidden_size = int(cfg.get("embedding_dim", 0) or hidden_size)
+  if cfg.get("kernel") == "hmk":
+    return ker.init_hmk_params(hidden_size, rng)
+  if cfg.get("kernel") == "mahalanobis" and cfg.get("maha_sigma_inv", "identity") == "learned":
+    return {"maha_chol": jnp.eye(hidden_size, dtype=jnp.float32)}
+  return None
 
 
-@register("dpo_kernels", needs=("reference", "embeddings", "last_logits"), kind="pairwise",
-          params=LossParams("hmk_params", _init_loss_params))
+def check_config(cfg):
+  """Raises a ValueError naming the valid options for a wrong one (the trainer asks before any compile)."""
+  for key, default, valid in (("mode", "dpo_compatible", MODES),
+                              ("embedding_source", "policy_hidden", EMBEDDING_SOURCES),
+                              ("embedding_pool", "mean", EMBEDDING_POOLS),
+                              ("wasserstein_cost", "embedding", WASSERSTEIN_COSTS),
+                              ("kernel", "rbf", ker.KERNELS + ("hmk",)),
+                              ("divergence", "kl", div.DIVERGENCES)):
+    if cfg.get(key, default) not in valid:
+      raise ValueError(f"loss.{key}={cfg.get(key)!r}; valid: {', '.join(valid)}")
+  sigma_inv = cfg.get("maha_sigma_inv", "identity")
+  if sigma_inv not in ("identity", "learned") and not str(sigma_inv).endswith(".npy"):
+    raise ValueError(f"loss.maha_sigma_inv={sigma_inv!r}; valid: identity, learned, or a path to a .npy file")
+
+
+def _needs(cfg):
+  """The outputs this configuration reads beyond ("reference", "last_logits"); checks the options first."""
+  check_config(cfg)
+  needs = set()
+  weight = cfg.get("kernel_scale", 1.0) if cfg.get("mode", "dpo_compatible") == "faithful" else cfg.get("gamma", 1.0)
+  if weight != 0.0 and cfg.get("embedding_source", "policy_hidden") in ("policy_hidden", "reference_hidden"):
+    needs.add("last_hidden" if cfg.get("embedding_pool", "mean") == "last" else "embeddings")
+  if (cfg.get("divergence_scale", 1.0) != 0.0 and cfg.get("divergence", "kl") == "wasserstein"
+      and cfg.get("wasserstein_cost", "embedding") == "embedding"):
+    needs.add("token_embeddings")
+  return needs
+
+
+def _encoder_path(cfg):
+  """The frozen encoder checkpoint the trainer runs for embedding_source='frozen_encoder', else None."""
+  if cfg.get("embedding_source", "policy_hidden") != "frozen_encoder":
+    return None
+  path = cfg.get("encoder_path", "")
+  if not path:
+    raise ValueError("embedding_source='frozen_encoder' needs loss.encoder_path: a Hugging Face checkpoint "
+                     "directory the project's loader reads (models.load_hf), used frozen as the embedder")
+  return path
+
+
+def _encoder_needs(cfg):
+  return {"last_hidden" if cfg.get("embedding_pool", "mean") == "last" else "embeddings"}
+
+
+@register("dpo_kernels", needs=("reference", "last_logits"), kind="pairwise", needs_fn=_needs,
+          params=LossParams("hmk_params", _init_loss_params),
+          frozen_model=FrozenModel(ENCODER_KEY, _encoder_path, _encoder_needs))
 def dpo_kernels_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, jax.Array],
                      batch: Mapping[str, Any], cfg):
   """DPO-Kernels; see the module docstring for `cfg`."""
@@ -135,20 +271,19 @@ def dpo_kernels_loss(policy: Mapping[str, jax.Array], reference: Mapping[str, ja
   weight = cfg.get("kernel_scale", 1.0) if mode == "faithful" else cfg.get("gamma", 1.0)
   div_scale = cfg.get("divergence_scale", 1.0)
   logps = policy["logps"]
-  rho = logps - jax.lax.stop_gradient(reference["logps"])
+  rho = logps - jax.lax.stop_gradient(reference["logps"])    # metrics (and dpo_compatible's loss)
   zeros = jnp.zeros_like(rho[:, 0])
 
   hmk_params = None
   if weight != 0.0:
-    e = _embeddings(cfg.get("embedding_source", "policy_hidden"), policy, reference, batch)
-    k_ratio, hmk_params = kernel_term(cfg, *e, batch)
+    k_ratio, hmk_params = kernel_term(cfg, *embeddings(cfg, policy, reference, batch), batch)
   else:
     k_ratio = zeros
   d = divergence_term(cfg, policy, reference, batch) if div_scale != 0.0 else zeros
 
-  if mode == "faithful":
+  if mode == "faithful":     # the reference code: -kappa (policy log-ratio + kernel log-ratio) + alpha D
     per_example = -weight * ((logps[:, 0] - logps[:, 1]) + k_ratio) + div_scale * d
-  else:
+  else:                      # ours
     per_example = -jax.nn.log_sigmoid(beta * ((rho[:, 0] - rho[:, 1]) + weight * k_ratio)) + div_scale * d
   loss = per_example.mean()
 

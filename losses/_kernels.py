@@ -6,11 +6,13 @@ for Direct Preference Optimization" (arXiv 2501.03271). Reference code: anonymou
     polynomial    K = (x.y + c)^d                  log K = d log max(x.y + c, 1e-12)      c = 1, d = 2
     rbf           K = exp(-|x - y|^2 / (2 sigma^2))                                       sigma = 1 (>= 1e-6)
     spectral      K = sum_k lambda_k exp(-a_k |x - y|^2)                                  lambda = a = (1,)
-    mahalanobis   K = exp(-(x - y)^T S (x - y) / 2),   S = L L^T + eps I                  L = I, eps = 1e-6
+    mahalanobis   K = exp(-(x - y)^T S (x - y) / 2),   S = Sigma^-1                        S = I (+ eps I)
 
-Mahalanobis: the reference code learns S itself and can lose positive-definiteness; here S is built from a
-lower-triangular factor L (only `tril(L)` is read), so it is positive (semi)definite by construction and
-definite for eps > 0. Spectral: lambda_k are clamped > 0 and a_k >= 0 (the reference clamps a only), and
+Mahalanobis: S = Sigma^-1 comes in one of three ways. Given (`precision=`, e.g. estimated from the data's
+embeddings by `mahalanobis_precision_from_embeddings` or loaded from a file), it is used as is. Learned
+(`chol=`): the reference code learns S itself and can lose positive-definiteness; here S = L L^T + eps I
+is built from a lower-triangular factor L (only `tril(L)` is read), so it is positive (semi)definite by
+construction and definite for eps > 0. Neither: S = (1 + eps) I, which is RBF with sigma = 1. Spectral: lambda_k are clamped > 0 and a_k >= 0 (the reference clamps a only), and
 the sum is taken as a logsumexp, so a large distance does not underflow to the 1e-12 clamp.
 
 **HMK** (the paper's Hierarchical Mixture of Kernels):
@@ -31,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KERNELS = ("polynomial", "rbf", "spectral", "mahalanobis")
 _EPS = 1e-12
@@ -61,13 +64,35 @@ def mahalanobis_precision(chol, eps=1e-6):
   return lower @ lower.T + eps * jnp.eye(chol.shape[-1], dtype=chol.dtype)
 
 
-def log_mahalanobis(x, y, chol=None, eps=1e-6):
-  """-(x - y)^T (L L^T + eps I) (x - y) / 2, computed as -(|L^T d|^2 + eps |d|^2) / 2."""
+def log_mahalanobis(x, y, chol=None, eps=1e-6, *, precision=None):
+  """-(x - y)^T S (x - y) / 2 with S = `precision` (Sigma^-1 [D, D], as given) if given, else
+  S = L L^T + eps I, computed as -(|L^T d|^2 + eps |d|^2) / 2 (L = `chol`, the identity when None)."""
   d = x - y
+  if precision is not None:
+    return -0.5 * jnp.sum((d @ jnp.asarray(precision, d.dtype)) * d, axis=-1)
   if chol is None:
     return -0.5 * (1.0 + eps) * jnp.sum(d * d, axis=-1)
   proj = d @ jnp.tril(chol).astype(d.dtype)
   return -0.5 * (jnp.sum(proj * proj, axis=-1) + eps * jnp.sum(d * d, axis=-1))
+
+
+def mahalanobis_precision_from_embeddings(embeddings, shrinkage: float = 0.1) -> np.ndarray:
+  """Sigma^-1 [D, D] (float64, numpy) estimated from embeddings [N, D] of the data.
+
+  Sigma = (1 - s) C + s (tr C / D) I: the sample covariance C shrunk towards the scaled identity (the
+  target of Ledoit and Wolf, 2004, with a fixed weight s = `shrinkage` in [0, 1]), so that the inverse
+  exists when N <= D and stays well conditioned. Save it with `np.save` and name the file in the config
+  (`loss.maha_sigma_inv`)."""
+  e = np.asarray(embeddings, np.float64)
+  if e.ndim != 2 or e.shape[0] < 2:
+    raise ValueError(f"embeddings must be [N >= 2, D], got shape {e.shape}")
+  if not 0.0 <= shrinkage <= 1.0:
+    raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage}")
+  c = np.cov(e, rowvar=False).reshape(e.shape[1], e.shape[1])
+  target = np.trace(c) / c.shape[0] * np.eye(c.shape[0])
+  sigma = (1.0 - shrinkage) * c + shrinkage * target
+  inv = np.linalg.inv(sigma)
+  return 0.5 * (inv + inv.T)
 
 
 def log_kernel(kind: str, x, y, **params):

@@ -175,6 +175,10 @@ class Decoder:
                  jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
   # ---- forward --------------------------------------------------------------------------------------
+  def input_embeddings(self, params):
+    """The input embedding table [V, D] as stored (a loss's ground cost between tokens)."""
+    return params["embed"]["embedding"]
+
   def embed(self, params, tokens):
     c = self.config
     x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(c.dtype)

@@ -294,6 +294,7 @@ def test_hmk_params_are_trained_through_the_batch_and_entropy_term():
 @pytest.mark.parametrize("divergence", list(dv.DIVERGENCES))
 def test_every_divergence_runs_in_the_loss_under_jit(divergence):
   pol, ref = _outputs(38), _outputs(39)
+  pol["token_embeddings"] = np.random.default_rng(38).normal(size=(VOCAB, 3))   # Wasserstein's ground cost
   pol, ref = (jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), o) for o in (pol, ref))
   f = jax.jit(lambda p: _loss(p, ref, kernel="spectral", divergence=divergence, wasserstein_k=6)[0])
   loss = f(pol)

@@ -116,13 +116,38 @@ def transform_params(config, model, params):
   (params, [(name, HostHook)])."""
   params = peft.apply_config(params, config.get("peft"), rng=jax.random.PRNGKey(config.seed + 2))
   entry = losses.get(config.loss.name)
-  loss_params = entry.init_params(config.loss, model.config.hidden_size, jax.random.PRNGKey(config.seed + 4))
+  width = model.config.hidden_size
+  frozen_path = entry.frozen_model_path(config.loss)
+  if frozen_path:     # the loss's parameters act on the frozen model's hidden states: its width
+    width = frozen_model_config(frozen_path).hidden_size
+  loss_params = entry.init_params(config.loss, width, jax.random.PRNGKey(config.seed + 4))
   if loss_params is not None:
     params = {**params, LOSS_PARAMS: loss_params}
   run_hooks = hooks.active_hooks(config, model)
   for _, hook in run_hooks:
     params = hook.init_params(params, jax.random.PRNGKey(config.seed + 3))
   return params, run_hooks
+
+
+def frozen_model_config(path: str) -> models.DecoderConfig:
+  """The model config of a Hugging Face checkpoint directory, without reading its weights."""
+  with open(os.path.join(path, "config.json")) as f:
+    return models.config_from_hf(json.load(f))
+
+
+def frozen_loss_model(config, tokenizer=None, mesh=None):
+  """(model, params) of the frozen model the loss reads (`losses.FrozenModel`, e.g. DPO-Kernels' encoder),
+  or (None, None). It runs on the batch's token ids, so it must share the run's tokenizer: a vocabulary
+  smaller than the tokenizer's is refused here."""
+  path = losses.get(config.loss.name).frozen_model_path(config.loss)
+  if not path:
+    return None, None
+  cfg, params = models.load_hf(path)
+  if tokenizer is not None and cfg.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"the loss's frozen model {path!r} has a vocabulary of {cfg.vocab_size} tokens, the run's "
+                     f"tokenizer {tokenizer.vocab_size}: it reads the batch's token ids, so it must share the "
+                     f"tokenizer")
+  return models.Decoder(cfg), place(params, cfg.param_dtype, mesh)
 
 
 def split_trainable(params):

@@ -57,9 +57,14 @@ def ranking_accuracy(logps, batch):
   return jnp.sum(better & right) / jnp.maximum(jnp.sum(better), 1)
 
 
-def loss_and_metrics(trainable, frozen, ref_params, batch, rng, *, model, loss_entry, loss_cfg):
+def loss_and_metrics(trainable, frozen, ref_params, batch, rng, loss_frozen=None, *, model, loss_entry, loss_cfg,
+                     frozen_model=None):
   params = peft.with_dropout_rng(peft.combine(trainable, frozen), rng)   # adapter dropout keys; None in eval
   needs = loss_entry.needs_for(loss_cfg)
+  if loss_frozen is not None:   # a frozen model the loss reads (its registration's FrozenModel), same tokens
+    spec = loss_entry.frozen_model
+    batch = {**batch, spec.batch_key: jax.lax.stop_gradient(
+        model_outputs(frozen_model, loss_frozen, batch, frozenset(spec.needs(loss_cfg))))}
   if build.LOSS_PARAMS in params:     # parameters the loss trains, where its registration says it reads them
     batch = {**batch, loss_entry.params.batch_key: params[build.LOSS_PARAMS]}
   policy = model_outputs(model, params, batch, needs)
@@ -80,27 +85,28 @@ def loss_and_metrics(trainable, frozen, ref_params, batch, rng, *, model, loss_e
 # =====================================================================================================
 # Steps
 # =====================================================================================================
-def train_step(state: TrainState, frozen, ref_params, batch, *, model, tx, schedule, loss_entry, loss_cfg,
-               grad_accum_steps: int = 1):
+def train_step(state: TrainState, frozen, ref_params, batch, loss_frozen=None, *, model, tx, schedule,
+               loss_entry, loss_cfg, grad_accum_steps: int = 1, frozen_model=None):
   """One optimizer step; with grad_accum_steps > 1 the batch is split into micro-batches along B."""
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(
-      functools.partial(loss_and_metrics, model=model, loss_entry=loss_entry, loss_cfg=loss_cfg), has_aux=True)
+      functools.partial(loss_and_metrics, model=model, loss_entry=loss_entry, loss_cfg=loss_cfg,
+                        frozen_model=frozen_model), has_aux=True)
 
   if grad_accum_steps == 1:
-    (_, metrics), grads = grad_fn(state.params, frozen, ref_params, batch, rng)
+    (_, metrics), grads = grad_fn(state.params, frozen, ref_params, batch, rng, loss_frozen)
   else:
     micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
 
     def acc(carry, mb_i):
       g_sum, m_sum = carry
       mb, i = mb_i
-      (_, m), g = grad_fn(state.params, frozen, ref_params, mb, jax.random.fold_in(rng, i))
+      (_, m), g = grad_fn(state.params, frozen, ref_params, mb, jax.random.fold_in(rng, i), loss_frozen)
       return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
     m_shape = jax.eval_shape(lambda: grad_fn(state.params, frozen, ref_params,
-                                             jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+                                             jax.tree.map(lambda x: x[0], micro), rng, loss_frozen)[0][1])
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
     (grads, metrics), _ = jax.lax.scan(acc, (zeros_g, zeros_m), (micro, jnp.arange(grad_accum_steps)))
     grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
@@ -113,9 +119,10 @@ def train_step(state: TrainState, frozen, ref_params, batch, *, model, tx, sched
   return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
 
-def eval_step(trainable, frozen, ref_params, batch, *, model, loss_entry, loss_cfg):
-  _, metrics = loss_and_metrics(trainable, frozen, ref_params, batch, None, model=model,
-                                loss_entry=loss_entry, loss_cfg=loss_cfg)
+def eval_step(trainable, frozen, ref_params, batch, loss_frozen=None, *, model, loss_entry, loss_cfg,
+              frozen_model=None):
+  _, metrics = loss_and_metrics(trainable, frozen, ref_params, batch, None, loss_frozen, model=model,
+                                loss_entry=loss_entry, loss_cfg=loss_cfg, frozen_model=frozen_model)
   return metrics
 
 
@@ -220,6 +227,7 @@ def _train(config, workdir: str) -> dict:
     ref_params = build.reference_soup(soup, dtype=model.config.param_dtype)
   elif needs_reference and not peft.has_adapters(params):
     ref_params = jax.tree.map(jnp.copy, params)   # full fine-tuning: a frozen copy is the reference
+  frozen_model, loss_frozen = build.frozen_loss_model(config, tokenizer, mesh)   # None unless the loss reads one
   logging.info("model %s: %d params, %d trainable", model.config, peft.count(params), peft.count(trainable))
   logging.info("host hooks: %s", [name for name, _ in run_hooks] or "none")
 
@@ -236,10 +244,11 @@ def _train(config, workdir: str) -> dict:
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, loss_entry=loss_entry,
-                        loss_cfg=config.loss, grad_accum_steps=int(config.optim.get("grad_accum_steps", 1))),
+                        loss_cfg=config.loss, grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)),
+                        frozen_model=frozen_model),
       donate_argnums=(0,), out_shardings=(state_sh, repl))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, loss_entry=loss_entry, loss_cfg=config.loss),
-                    out_shardings=repl)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, loss_entry=loss_entry, loss_cfg=config.loss,
+                                      frozen_model=frozen_model), out_shardings=repl)
 
   # ---- data and checkpoint ----------------------------------------------------------------------------
   seq_len = int(config.seq_len)
@@ -287,7 +296,8 @@ def _train(config, workdir: str) -> dict:
     reference = ((lambda: ref_params) if ref_params is not None else
                  (lambda: peft.strip(params_now)) if peft.has_adapters(params_now) else None)
     res = eval_lib.evaluate(config, model, params_now, tokenizer,
-                            functools.partial(eval_fn, state.params, frozen, ref_params), mesh, reference)
+                            functools.partial(eval_fn, state.params, frozen, ref_params, loss_frozen=loss_frozen),
+                            mesh, reference)
     writer.write(step, {f"eval/{k}": v for k, v in res.items()})
     summary[tag] = res
     logging.info("eval@%d %s: %s", step, tag, res)
@@ -346,7 +356,7 @@ def _train(config, workdir: str) -> dict:
     for _, hook in run_hooks:      # measurements of the batch the step is about to use
       if hook.observe is not None and hook.every and step % hook.every == 0:
         writer.write(step, hook.observe(step, state, frozen, batch))
-    state, metrics = step_fn(state, frozen, ref_params, batch)
+    state, metrics = step_fn(state, frozen, ref_params, batch, loss_frozen)
     if carry:    # a host sync per step, only for losses that carry state
       carry = {field: float(metrics[metric]) for metric, field in loss_entry.carry}
     pending.append((step, pos, train_iter.get_state(), metrics))

@@ -107,6 +107,11 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError(str(e)) from None
   kind = config.data.get("pref_kind") or "sft"
   entry = losses.get(config.loss.name)
+  try:     # a loss checks its options when asked what it needs and which frozen model it reads
+    entry.needs_for(config.loss)
+    entry.frozen_model_path(config.loss)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   want = {"sft": ("sft",), "pairwise": ("pairwise",), "listwise": ("listwise", "pairwise"),
           "unpaired": ("unpaired",)}[kind]
   to_pairs = config.data.get("list_to_pairs")
