@@ -23,9 +23,9 @@ each divergence D is `losses._divergences.divergence` with the loss config's par
 
 **Kernel separability KS_k (our reading).** Chosen and rejected completions, each paired with its
 prompt, are two samples {(x_i, c_i)} and {(x_i, r_i)}; KS_k is the test-power ratio of the kernel
-two-sample statistic (unbiased MMD^2 over its standard deviation: the criterion of Gretton et al. 2012
-and Sutherland et al. 2017 for choosing a kernel) under the product kernel kappa((x, a), (x', b)) =
-K(x, x') K(a, b):
+two-sample statistic (unbiased MMD^2 over its standard deviation, the kernel-choice criterion of
+Gretton et al. 2012 and Sutherland et al. 2017; here with the leading term of the U-statistic's variance)
+under the product kernel kappa((x, a), (x', b)) = K(x, x') K(a, b):
 
     h_ij   = kappa_ij(c, c) + kappa_ij(r, r) - kappa_ij(c, r) - kappa_ij(r, c),   kappa_ij(a, b) = K(x_i, x_j) K(a_i, b_j)
     MMD2_u = 1/(n(n-1)) sum_{i != j} h_ij
