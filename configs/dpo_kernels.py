@@ -6,8 +6,10 @@ r"""DPO-Kernels (Das et al., 2025): DPO with an embedding-kernel term and a dive
     python main.py --config=configs/dpo_kernels.py:mode=faithful,source=reference_hidden ...  # the paper's code
     python main.py --config=configs/dpo_kernels.py:mode=faithful,source=frozen_encoder,pool=last \
         --config.loss.encoder_path=/path/to/hf_checkpoint ...       # a frozen embedder, as the paper
-    python main.py --config=configs/dpo_kernels.py:select --config.model.init_workdir=/tmp/sft --workdir=/tmp/sel
-        # data-driven selection: a short run per kernel x divergence pair, scored on the validation split
+    python main.py --config=configs/dpo_kernels.py:select_by=metrics --config.model.init_workdir=/tmp/sft --workdir=/tmp/sel
+        # data-driven selection from the data and the starting model, no training (losses/_kernel_selection.py)
+    python main.py --config=configs/dpo_kernels.py:select_by=sweep --config.model.init_workdir=/tmp/sft --workdir=/tmp/sel
+        # the second selector (`select` is its alias): a short run per kernel x divergence pair, scored held out
 
 `mode=dpo_compatible` (default; ours, not the paper's) is
 -log sig(beta[(rho_c - rho_r) + gamma kernel_ratio]) + alpha D(pi||pi_ref); `mode=faithful` reproduces the
@@ -23,7 +25,7 @@ from configs.common import parse_arg
 
 def get_config(arg=None):
   arg = parse_arg(arg, model="small", task="sort", kernel="rbf", divergence="kl", mode="dpo_compatible",
-                  source="policy_hidden", pool="mean", steps=300, select=False, smoke=False)
+                  source="policy_hidden", pool="mean", steps=300, select=False, select_by="", smoke=False)
   c = dpo.get_config(f"model={arg.model},task={arg.task},steps={arg.steps}" + (",smoke" if arg.smoke else ""))
   c.loss.name = "dpo_kernels"
   c.loss.mode = arg.mode                  # dpo_compatible | faithful
@@ -55,6 +57,15 @@ def get_config(arg=None):
   c.sweep.metric = "rewards/margins"       # held-out metric to maximise (e.g. exact_match, ranking_accuracy)
   c.sweep.higher_is_better = True
   c.sweep.output_file = "selection.md"
-  if arg.select:
-    c.task = "sweep"
+  # task=preselect (`select_by=metrics`): the selection statistics of losses/_kernel_selection.py over
+  # the starting model's outputs on `num_batches` training batches; nothing is trained.
+  c.selection = ml_collections.ConfigDict()
+  c.selection.num_batches = 8 if not arg.smoke else 2
+  c.selection.split = "train"
+  c.selection.output_file = "preselect"
+  select_by = arg.select_by or ("sweep" if arg.select else "")
+  if select_by not in ("", "metrics", "sweep"):
+    raise ValueError(f"select_by={select_by!r}; valid: metrics, sweep")
+  if select_by:
+    c.task = {"metrics": "preselect", "sweep": "sweep"}[select_by]
   return c

@@ -18,3 +18,6 @@ from losses._kernels import (KERNELS, hmk_weights, init_hmk_params, log_hmk,
                              mahalanobis_precision_from_embeddings)
 from losses._divergences import DIVERGENCES, divergence
 from losses._dpo_kernels import dpo_kernels_loss, format_selection_table, select_kernel_divergence
+from losses._selection import SelectionEntry, get_selection, register_selection
+from losses._kernel_selection import (kernel_separability, positive_negative_divergence, select_pair,
+                                      selection_statistics)

@@ -12,7 +12,7 @@ import optim
 import peft
 from optim import optimizer_names
 
-TASKS = ("train", "eval", "diagnose", "export", "sweep", "merge")
+TASKS = ("train", "eval", "diagnose", "export", "sweep", "merge", "preselect")
 DTYPES = ("float32", "bfloat16", "float16")
 RESUME_POLICIES = ("strict", "allow", "restart")
 
