@@ -167,3 +167,15 @@ def test_full_logits_and_head_dropout_fall_back():
   drop = peft.with_dropout_rng(drop, jax.random.PRNGKey(0))
   assert tiled.output_head(drop) is None       # input dropout is no single matrix: the full head is used
   _close(logps(tiled, drop)["token_logps"], logps(full, drop)["token_logps"])
+
+
+def test_config_key_reaches_the_model():
+  from configs import common
+  from train_lib import build
+  c = common.base_config()
+  assert "logits_chunk" not in build._model_overrides(c.model)      # unset: the model's own default
+  assert models.DecoderConfig.tiny().logits_chunk > 0                 # tiled by default
+  c.model.logits_chunk = 0
+  assert models.DecoderConfig.tiny(**build._model_overrides(c.model)).logits_chunk == 0
+  with pytest.raises(ValueError, match="logits_chunk"):
+    models.DecoderConfig.tiny(logits_chunk=-1)
