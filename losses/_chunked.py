@@ -15,7 +15,9 @@ The logits are made one [chunk, chunk] tile of (tokens, vocabulary) at a time. T
 logsumexp over vocabulary tiles (a running max m, and sum exp(z - m), sum exp(z - m) z and sum exp(2(z - m))
 rescaled when m grows), so it keeps [N] numbers per statistic. The backward pass recomputes each tile from h
 and W, forms dL/dz from the saved per-token statistics with the formulas above, and accumulates dh = dz W^T
-and dW = h^T dz tile by tile. Memory is one tile, whatever V and N: flat in the vocabulary.
+and dW = h^T dz tile by tile. Temporaries are a tile plus [N] statistics and dh [N, D]: flat in the
+vocabulary. (XLA:CPU, which has no bf16 matmul, hoists one float32 copy of a bf16 W out of the tile loop; GPUs
+and TPUs do not. See benchmarks/results/vocab_memory.md.)
 
 Tiles have a fixed shape. The last tile of an axis that the chunk does not divide is shifted back to end at the
 axis' end (no padded copy of W or h is made), and the entries it shares with the tile before are masked out.
