@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"                  # none | full | dots | dots_no_batch
   c.model.scan_layers = True
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None | xla | cudnn
+  # Tile side of the losses' tiled head (losses/_chunked.py; 0: full [B, T, V] logits); None: the model's
+  # default (models.DecoderConfig.logits_chunk).
+  c.model.logits_chunk = ml_collections.config_dict.placeholder(int)
 
   c.data = data.default_config()         # every data option (see data/_config.py), commented there
   c.data.task = "sort"                    # built-in task

@@ -5,6 +5,8 @@
 `model` is anything with `apply(params, tokens, positions, segment_ids, return_hidden=True)` (a
 `models.Decoder`; `input_embeddings(params)` too for the "token_embeddings" need); this module imports no
 model code, so losses, diagnostics and the trainer all use it.
+Unless a loss needs the full `logits`, `losses._chunked.head_outputs` computes the log-probs, logZ and
+log sum p^2 in tiles (the model's `logits_chunk`), never holding the [B, T, V] float32 logits.
 
 **Positions.** A preference or SFT row (`data._sft.assemble`) holds `bos + prompt + response + eos` as
 inputs with the targets shifted by one, so the loss mask sits on the input positions whose *target* is a
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from losses._chunked import head_outputs
 
 
 def _masked_mean(x, mask, axis):
@@ -64,12 +68,10 @@ def model_outputs(model, params, batch, needs=frozenset()) -> dict:
   lead, T = batch["inputs"].shape[:-1], batch["inputs"].shape[-1]
   flat = lambda k: batch[k].reshape(-1, T) if batch.get(k) is not None else None
   # Without segment ids (unpacked, unpadded rows) the model takes the plain causal path (cuDNN flash).
-  logits, hidden = model.apply(params, flat("inputs"), flat("positions"), flat("segment_ids"),
-                               return_hidden=True)
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, flat("targets")[..., None], axis=-1)[..., 0]
-  token_logps = target_logits - logz
+  # logits: [N, T, V] float32, or None when the head was applied in tiles (then `stats` holds the rest).
+  logits, hidden, stats = head_outputs(model, params, flat("inputs"), flat("positions"), flat("segment_ids"),
+                                       flat("targets"), needs)
+  logz, token_logps = stats["logz"], stats["logp"]
   mask = flat("loss_mask").astype(jnp.float32)
   seg = flat("segment_ids")
   out = {"token_logps": token_logps, "mask": mask, "logps": (token_logps * mask).sum(-1),
@@ -87,11 +89,15 @@ def model_outputs(model, params, batch, needs=frozenset()) -> dict:
     out["last_embeddings"] = jnp.take_along_axis(h, seq_last[:, None, None], axis=1)[:, 0]
   if "last_logits" in needs:
     last = T - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
-    out["last_logits"] = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    if logits is None:    # the head at these positions only
+      h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+      out["last_logits"] = model.logits(params, h_last)[:, 0].astype(jnp.float32)
+    else:
+      out["last_logits"] = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   if "logits" in needs:
     out["logits"] = logits
   if "log_sum_sq_probs" in needs:
-    out["log_sum_sq_probs"] = jax.nn.logsumexp(2.0 * (logits - logz[..., None]), axis=-1)
+    out["log_sum_sq_probs"] = stats["log_sum_sq"]
   out = jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
   if "token_embeddings" in needs:
     # The input embedding table [V, D] itself (not per sequence, no copy), detached: a ground cost.

@@ -44,6 +44,10 @@ class DecoderConfig:
   remat: str = "none"                     # none | full | dots | dots_no_batch (per decoder layer)
   scan_layers: bool = True                # scan over the stacked layers (compile time independent of depth)
   attention_impl: Optional[str] = None    # None/"xla" or "cudnn" (GPU flash attention)
+  # The losses' log-probs, logsumexp and log sum p^2 come from [chunk, chunk] tiles of (tokens, vocabulary)
+  # with a recomputing custom gradient (losses/_chunked.py), never from [B, T, V] float32 logits; 0: the
+  # full logits. Equal to within float32 rounding; memory flat in the vocabulary.
+  logits_chunk: int = 4096
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -54,6 +58,8 @@ class DecoderConfig:
       raise ValueError(f"remat={self.remat!r}; valid: {REMAT_POLICIES}")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type={self.rope_type!r}; valid: {ROPE_TYPES}")
+    if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+      raise ValueError(f"logits_chunk={self.logits_chunk!r} must be an int >= 0 (0: full logits)")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_impl={self.attention_impl!r}; valid: None, 'xla', 'cudnn'")
 

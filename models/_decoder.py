@@ -232,7 +232,7 @@ class Decoder:
 
   def apply(self, params: Params, tokens: jax.Array, positions: Optional[jax.Array] = None,
             segment_ids: Optional[jax.Array] = None, *, cache: Optional[Cache] = None,
-            return_hidden: bool = False, capture_inputs: bool = False):
+            return_hidden: bool = False, capture_inputs: bool = False, head: bool = True):
     """Logits [B, T, V] in the compute dtype (float32 by default).
 
     Args:
@@ -243,6 +243,8 @@ class Decoder:
       return_hidden: also return the final normed hidden states [B, T, D].
       capture_inputs: also return {name: [L, in]} sums over real tokens (segment != 0) of the squared
         inputs of the linear layers (names attn_in, o_proj_in, mlp_in, down_proj_in), for calibration.
+      head: False skips the output head: None stands in for the logits (the chunked losses read `hidden`
+        and `output_head`).
     Returns:
       logits, then hidden / cache / captured statistics, each only when asked for.
     """
@@ -292,7 +294,7 @@ class Decoder:
       kv_out, stats = kv_out
 
     hidden = rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_plus_one)
-    logits = self.logits(params, hidden)
+    logits = self.logits(params, hidden) if head else None
     out = (logits,)
     if return_hidden:
       out += (hidden,)
@@ -306,6 +308,19 @@ class Decoder:
     if self.config.tie_embeddings:
       return jnp.einsum("...d,vd->...v", hidden, params["embed"]["embedding"].astype(hidden.dtype))
     return peft.dot(hidden, params["lm_head"]["kernel"])
+
+  def output_head(self, params):
+    """(W, vocab_axis) with logits = hidden @ W ([D, V], axis 1) or hidden @ W^T ([V, D], axis 0, tied), the
+    weight an adapter on lm_head stands for included (its merge, through which gradients reach the adapter);
+    None when the head is no single matrix (an adapter whose input dropout is active this step)."""
+    if self.config.tie_embeddings:
+      return params["embed"]["embedding"], 0
+    w = params["lm_head"]["kernel"]
+    if peft.is_adapter(w):
+      if getattr(w, "dropout", 0.0) and getattr(w, "rng", None) is not None:
+        return None
+      return w.materialize(), 1
+    return w, 1
 
   # ---- bookkeeping ----------------------------------------------------------------------------------
   def num_params(self, params) -> int:

@@ -70,9 +70,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # The model and its parameters
 # =====================================================================================================
 def _model_overrides(mc) -> dict:
+  chunk = mc.get("logits_chunk", None)
   return dict(dtype=mc.get("dtype", "float32"), param_dtype=mc.get("param_dtype", "float32"),
               remat=mc.get("remat", "none"), scan_layers=mc.get("scan_layers", True),
-              attention_impl=mc.get("attention_impl", None))
+              attention_impl=mc.get("attention_impl", None),
+              **({} if chunk is None else {"logits_chunk": int(chunk)}))
 
 
 def place(params, dtype, mesh=None):

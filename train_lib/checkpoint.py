@@ -33,7 +33,8 @@ LOCK_FILE = "lock"
 # checkpoints hold or how a step computes. Prefixes end in ".".
 SAFE_ON_RESUME = ("total_steps", "eval_every_steps", "eval_before", "log_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "async_checkpoints", "entanglement_every_steps", "stuck_loss_window",
-                  "resume_policy", "eval.", "mesh.", "model.remat", "model.attention_impl")
+                  "resume_policy", "eval.", "mesh.", "model.remat", "model.attention_impl",
+                  "model.logits_chunk")
 
 
 class WorkdirError(UserError):
