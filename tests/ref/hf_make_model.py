@@ -45,11 +45,15 @@ def make(name, seed):
   config._attn_implementation = "eager"
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-  gemma = base == "gemma"
+  return randomize(model, norm_center=0.0 if base == "gemma" else 1.0)
+
+
+def randomize(model, norm_center=1.0):
+  """Every weight random and away from its init value (norm scales around `norm_center`, biases too)."""
   with torch.no_grad():
     for pname, p in model.named_parameters():
       if "norm" in pname:
-        p.copy_((0.0 if gemma else 1.0) + 0.3 * torch.randn_like(p))
+        p.copy_(norm_center + 0.3 * torch.randn_like(p))
       elif pname.endswith("bias"):
         p.copy_(0.2 * torch.randn_like(p))
       else:

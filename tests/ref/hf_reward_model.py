@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from _common import parse_args, save
+from hf_make_model import randomize
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, num_labels=1)
@@ -24,17 +25,8 @@ def make(name, seed, pad):
   cls, kw = SPECS[name]
   config = getattr(transformers, cls)(**{**BASE, **kw}, pad_token_id=pad)
   torch.manual_seed(seed)
-  model = transformers.AutoModelForSequenceClassification.from_config(
-      config, attn_implementation="eager").float().eval()
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if "norm" in pname:
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-      elif pname.endswith("bias"):
-        p.copy_(0.2 * torch.randn_like(p))
-      else:
-        p.copy_(0.15 * torch.randn_like(p))
-  return model
+  return randomize(transformers.AutoModelForSequenceClassification.from_config(
+      config, attn_implementation="eager").float().eval())
 
 
 def main():
