@@ -31,10 +31,11 @@ from peft._vera import kernel_shape
 
 
 def nola_bases(key: jax.Array, k: int, l: int, rank: int, n_in: int, n_out: int):
-  """One layer's (A_bases [k, in, r], B_bases [l, r, out]) float32 from its key [2]; bit-exact (one rounding)."""
-  ka, kb = jax.random.split(key)
-  ua = jax.random.uniform(ka, (k, n_in, rank), jnp.float32)
-  ub = jax.random.uniform(kb, (l, rank, n_out), jnp.float32)
+  """One layer's (A_bases [k, in, r], B_bases [l, r, out]) float32 from its key [2]; bit-exact (one rounding).
+  One draw for both (a threefry call is slow to compile on CPU)."""
+  n_a = k * n_in * rank
+  u = jax.random.uniform(key, (n_a + l * rank * n_out,), jnp.float32)
+  ua, ub = u[:n_a].reshape(k, n_in, rank), u[n_a:].reshape(l, rank, n_out)
   return (jnp.float32(1.0 / math.sqrt(n_in)) * (2.0 * ua - 1.0),
           jnp.float32(1.0 / math.sqrt(rank)) * (2.0 * ub - 1.0))
 

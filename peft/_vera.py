@@ -41,12 +41,12 @@ def kernel_shape(base) -> tuple[int, ...]:
 
 def vera_basis(seed: int, rank: int, n_in: int, n_out: int) -> tuple[jax.Array, jax.Array]:
   """(A [n_in, r], B [r, n_out]) float32, Kaiming-uniform as PEFT's `_kaiming_init` (gain sqrt(2), fan-in
-  n_in for A and r for B). `bound * (2u - 1)` rounds once, so the values are the same bits under any jit."""
-  ka, kb = jax.random.split(jax.random.PRNGKey(seed))
-  def kaiming(key, shape, fan_in):
-    u = jax.random.uniform(key, shape, jnp.float32)        # [0, 1); 2u - 1 is exact in float32
-    return jnp.float32(math.sqrt(6.0 / fan_in)) * (2.0 * u - 1.0)
-  return kaiming(ka, (n_in, rank), n_in), kaiming(kb, (rank, n_out), rank)
+  n_in for A and r for B). `bound * (2u - 1)` rounds once, so the values are the same bits under any jit.
+  One draw for both (a threefry call is slow to compile on CPU)."""
+  u = jax.random.uniform(jax.random.PRNGKey(seed), (n_in * rank + rank * n_out,), jnp.float32)   # [0, 1)
+  ua, ub = u[:n_in * rank].reshape(n_in, rank), u[n_in * rank:].reshape(rank, n_out)
+  kaiming = lambda u, fan_in: jnp.float32(math.sqrt(6.0 / fan_in)) * (2.0 * u - 1.0)   # 2u - 1 is exact
+  return kaiming(ua, n_in), kaiming(ub, rank)
 
 
 @register_hf_format
@@ -119,6 +119,10 @@ class VeRA(Adapter):
       raise ValueError(f"{module}: the adapter file holds no vera_A / vera_B (saved with save_projection=False); "
                        "PEFT regenerates them with torch's generator, which cannot be reproduced here")
     n_in, n_out = kernel_shape(base)[-2:]
+    full_a, full_b = shared["base_model.vera_A"], shared["base_model.vera_B"]
+    if full_a.shape[1] < n_in or full_b.shape[0] < n_out:
+      raise ValueError(f"{module}: vera_A {full_a.shape} / vera_B {full_b.shape} are smaller than the layer "
+                       f"({n_in} in, {n_out} out)")
     a = jnp.asarray(shared["base_model.vera_A"][:, :n_in].T, jnp.float32)
     b = jnp.asarray(shared["base_model.vera_B"][:n_out].T, jnp.float32)
     return cls(base, _stack([l["vera_lambda_d"] for l in layers], stacked),
