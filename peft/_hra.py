@@ -9,11 +9,12 @@ Adaptation", arXiv:2405.17484; PEFT `tuners/hra`.) U = [u_1 ... u_r] is [in, r].
 r reflections become one, H = I - 2 U U^T. The forward reflects the input (r rank-1 updates of x) and never
 builds H; `materialize` applies the reflections to W0.
 
-Init (PEFT's `init_weights=True`, spec.init "default"): r/2 Kaiming-uniform vectors (a = sqrt(5) over a
-[in, r/2] tensor, so the bound is 1/sqrt(r/2) as in PEFT), each repeated twice in a row; H_i H_i = I, so the
-adapter starts as the identity (odd r: r independent vectors, not the identity, as PEFT).
-`options={"init_weights": False}` is PEFT's `init_weights=False` (all r vectors Kaiming-uniform). Note: the symmetric init repeats vectors, which
-Gram-Schmidt cannot orthonormalise (0/0 in PEFT too): with `apply_GS`, start from `init_weights=False`.
+Init (PEFT's `init_weights=True`, the default): r/2 Kaiming-uniform vectors (a = sqrt(5) over a [in, r/2]
+tensor, so the bound is 1/sqrt(r/2) as in PEFT), each repeated twice in a row; H_i H_i = I, so the adapter
+starts as the identity (odd r: r independent vectors, not the identity, as PEFT). `options={"init_weights":
+False}` is PEFT's `init_weights=False` (all r vectors Kaiming-uniform). With `apply_GS` the repeated vectors
+leave Gram-Schmidt only rounding residues to normalise, so that start is no identity and depends on rounding
+(in PEFT too): use `init_weights=False` with `apply_GS`.
 """
 from __future__ import annotations
 

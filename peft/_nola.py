@@ -9,9 +9,9 @@ float64 evaluation of the formula above.
 
 The bases are regenerated inside the layer from a per-layer key (`key [..., 2]`, frozen, derived from
 `options.basis_seed` and the kernel's path), so the parameters hold only k + l trained scalars and one key per
-layer: the bases exist only transiently (in the forward and, recomputed, in the backward pass). A_i is
-Kaiming-uniform as LoRA's A (bound 1/sqrt(in)), B_j uniform with bound 1/sqrt(r) (our choice of scale;
-the paper's code draws both uniformly). beta starts at 0, so the adapter starts as the identity; alpha is
+layer: the bases exist only inside the step, as activations (recomputed under remat). A_i is
+Kaiming-uniform as LoRA's A (bound 1/sqrt(in)), B_j uniform with bound 1/sqrt(r) (our choice; not checked
+against the authors' code). beta starts at 0, so the adapter starts as the identity; alpha is
 uniform with bound 1/sqrt(k) (our choice).
 """
 from __future__ import annotations
