@@ -20,5 +20,9 @@ from peft._quant import QuantizedWeight, float_weight, like_base, nbytes, quanti
 from peft._lora import LoRA
 from peft._dora import DoRA
 from peft._ia3 import IA3
+from peft._vera import VeRA, vera_basis
+from peft._hra import HRA
+from peft._miss import MiSS
+from peft._nola import NOLA, nola_bases
 from peft._export import export_adapter, import_adapter
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks
