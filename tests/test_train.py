@@ -1,5 +1,7 @@
 """End to end: the smoke config trains, resumes after SIGKILL exactly, 8 devices and 2 processes equal 1, and a
 checkpoint restores onto another process count and mesh."""
+import json
+
 import numpy as np
 import pytest
 
@@ -31,9 +33,14 @@ def test_two_processes_then_eight_devices_on_another_mesh_equal_one_device(tmp_p
   common = {"total_steps": 6, "eval_before": False, "eval.num_examples": 0, "log_every_steps": 1}
   one = _run(tmp_path, "one", {**common, "mesh.data": 1})
   half = train_runner.run_processes(SMOKE, tmp_path / "multi", tmp_path / "half.npz",
-                                    {**common, "total_steps": 3, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+                                    {**common, "total_steps": 3, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                     "eval.num_examples": 4},     # generation across processes too
                                     processes=2, devices=4)
   assert int(half["processes"]) == 2 and int(half["devices"]) == 8
+  summary = json.load(open(tmp_path / "multi" / "summary.json"))
+  assert summary["topology"] == {"process_count": 2, "global_devices": 8, "local_devices": 4,
+                                 "mesh": {"data": 2, "fsdp": 2, "tensor": 2}}
+  assert 0.0 <= summary["after"]["exact_match"] <= 1.0
   np.testing.assert_allclose(half["losses"], one["losses"][:3], rtol=2e-5)
   eight = _run(tmp_path, "multi", {**common, "mesh.data": 2, "mesh.fsdp": 4}, devices=8)
   assert int(eight["devices"]) == 8 and int(eight["processes"]) == 1 and int(eight["resumed_from"]) == 3

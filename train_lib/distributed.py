@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -66,6 +68,23 @@ def global_batch(local: dict, sharding_for) -> dict:
     out[k] = (jax.device_put(v, s) if v.ndim == 0 or jax.process_count() == 1
               else jax.make_array_from_process_local_data(s, v))
   return out
+
+
+def like_params(x, params):
+  """A host array as an input next to `params`: replicated over their mesh when the run has several
+  processes (a single-device array cannot meet arrays spread over other processes in one jit)."""
+  if jax.process_count() == 1:
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+  leaf = next(l for l in jax.tree.leaves(params) if isinstance(getattr(l, "sharding", None), NamedSharding))
+  return jax.device_put(np.asarray(x), NamedSharding(leaf.sharding.mesh, PartitionSpec()))
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as numpy on every process (gathered when its shards live on several processes)."""
+  if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils   # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def sync(name: str) -> None:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train_lib import distributed
+
 
 def sample_logits(logits, rng, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
   """Next token from [B, V] logits. temperature 0 = greedy."""
@@ -73,11 +75,11 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   """Generates continuations of token-id prompts; each output stops before its first stop token."""
   tokens, seg, pos = left_pad(prompts, pad_id)
   rng = rng if rng is not None else jax.random.PRNGKey(0)
-  stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-  toks, valid = _generate(model, params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), rng, stop,
-                          max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                          top_p=float(top_p))
-  toks, valid = np.asarray(toks), np.asarray(valid)
+  put = functools.partial(distributed.like_params, params=params)   # on every process's devices when several
+  toks, valid = _generate(model, params, put(tokens), put(seg), put(pos), put(rng),
+                          put(np.asarray(list(stop_ids) or [-1], np.int32)), max_new_tokens=max_new_tokens,
+                          temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  toks, valid = distributed.to_host(toks), distributed.to_host(valid)
   stop_set = set(int(s) for s in stop_ids)
   out = []
   for row, ok in zip(toks, valid):
