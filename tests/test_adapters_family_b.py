@@ -88,3 +88,141 @@ def test_lorafa_matches_peft(peft_steps):
   np.testing.assert_array_equal(node.a, r["fa_A"].T)
   b0 = r["fa_B0"].T
   np.testing.assert_allclose(np.asarray(node.b) - b0, r["fa_B"].T - b0, rtol=1e-5, atol=1e-7)
+
+
+# ===========================================================================================================
+# Adapters: helpers
+# ===========================================================================================================
+L, DIN, DOUT, N, T = 2, 6, 5, 3, 4
+
+
+def _base_and_x(seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((L, DIN, DOUT)).astype(np.float32),
+          rng.standard_normal((N, T, DIN)).astype(np.float32))
+
+
+def _randomize(node, names, seed=1):
+  """The node with its trainable `names` drawn at random (the inits zero some of them: no-op adapters)."""
+  rng = np.random.default_rng(seed)
+  return node.replace(**{k: jnp.asarray(rng.standard_normal(getattr(node, k).shape).astype(np.float32) * 0.5)
+                         for k in names})
+
+
+def _layer(node, l):
+  return jax.tree.map(lambda z: z[l], node)
+
+
+def _forward_per_layer(node, x):
+  return np.stack([np.asarray(_layer(node, l).dot(jnp.asarray(x))) for l in range(L)])
+
+
+def _trainable_count(node):
+  return peft.count(peft.split({"k": node})[0])
+
+
+# ===========================================================================================================
+# LoRAMoE
+# ===========================================================================================================
+import losses  # noqa: E402
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def _loramoe(e=4, r=2, alpha=4.0, delta=0.1):
+  w, x = _base_and_x()
+  spec = peft.AdapterSpec("loramoe", rank=r, alpha=alpha, options={"num_experts": e, "blc_alpha": delta})
+  node = peft.get_adapter("loramoe")(jnp.asarray(w), spec, jax.random.PRNGKey(0), "layers/mlp/up_proj/kernel")
+  return _randomize(node, ("router", "a", "b")), w, x
+
+
+def test_loramoe_forward_formula():
+  node, w, x = _loramoe()
+  got = _forward_per_layer(node, x)
+  for l in range(L):
+    wr, a, b = (np.asarray(getattr(node, k)[l], np.float64) for k in ("router", "a", "b"))
+    om = _softmax(x.astype(np.float64) @ wr)                                     # [N, T, E]
+    want = x @ w[l].astype(np.float64) + node.scale * sum(
+        om[..., e:e + 1] * (x @ a[e] @ b[e]) for e in range(a.shape[0]))
+    np.testing.assert_allclose(got[l], want, rtol=1e-5, atol=1e-5)
+
+
+def test_loramoe_trainable_count():
+  e, r = 4, 2
+  node, _, _ = _loramoe(e=e, r=r)
+  assert _trainable_count(node) == L * (DIN * e + e * r * (DIN + DOUT))   # router + E LoRA pairs, per layer
+
+
+def test_loramoe_balancing_loss_formula():
+  node, _, x = _loramoe(delta=0.1)
+  one = _layer(node, 0)
+  types = np.array([1, 0, 1])
+  with losses.collecting() as sown:
+    one.dot(jnp.asarray(x))
+  _, metrics = losses.add_aux_losses(jnp.zeros(()), {}, sown, {"task_types": jnp.asarray(types)}, None)
+  om = _softmax(x.astype(np.float64) @ np.asarray(one.router, np.float64))
+  q = om.sum(1)                                                                 # [N, E]
+  e = q.shape[1]
+  mine = np.arange(e) < e // 2                                                  # the task half
+  coef = np.where((types[:, None] == 1) == mine[None, :], 1.1, 0.9)
+  z = (q * coef).ravel()
+  want = z.var(ddof=1) / (z.mean() ** 2 + 1e-10)
+  np.testing.assert_allclose(float(metrics["aux/loramoe_blc"]), want, rtol=1e-5)
+
+
+def test_loramoe_balancing_loss_reaches_the_gradient(tiny_model):
+  from train_lib import train  # pylint: disable=g-import-not-at-top
+  model, params = tiny_model()
+  spec = peft.AdapterSpec("loramoe", rank=2, alpha=4.0, options={"num_experts": 4})
+  params = peft.apply(params, {("gate_proj", "up_proj", "down_proj"): spec}, jax.random.PRNGKey(1))
+  trainable, frozen = peft.split(params)
+  rng = np.random.default_rng(0)
+  toks = jnp.asarray(rng.integers(1, model.config.vocab_size, (2, 1, 8)), jnp.int32)
+  batch = {"inputs": toks, "targets": jnp.roll(toks, -1, -1), "loss_mask": jnp.ones(toks.shape, jnp.float32),
+           "task_types": jnp.asarray([1, 0])}
+
+  def run(weight):
+    cfg = ml_collections.ConfigDict({"name": "nll", "z_loss": 0.0, "aux_weights": {"loramoe_blc": weight}})
+    fn = lambda t: train.loss_and_metrics(t, frozen, None, batch, None, model=model,
+                                          loss_entry=losses.get("nll"), loss_cfg=cfg)
+    return jax.value_and_grad(fn, has_aux=True)
+
+  ((loss0, m0), g0), ((loss1, m1), g1) = jax.jit(lambda t: (run(0.0)(t), run(1.0)(t)))(trainable)
+  term = float(m1["aux/loramoe_blc"])
+  assert term > 0 and float(m0["aux/loramoe_blc"]) == pytest.approx(term)
+  np.testing.assert_allclose(float(loss1) - float(loss0), term, rtol=1e-5)
+  # The term comes from the routers of every FFN module of both layers (sown through the layer scan), and
+  # its gradient is what the weight adds to theirs.
+  gr = lambda g, m: np.asarray(g["layers"]["mlp"][m]["kernel"].router)
+  for m in ("gate_proj", "up_proj", "down_proj"):
+    assert np.abs(gr(g1, m) - gr(g0, m)).max() > 1e-6, m
+
+
+# ===========================================================================================================
+# FLoRA
+# ===========================================================================================================
+def _make(method, w, rank=2, **options):
+  spec = peft.AdapterSpec(method, rank=rank, options=options)
+  return peft.get_adapter(method)(jnp.asarray(w), spec, jax.random.PRNGKey(0), "layers/mlp/down_proj/kernel")
+
+
+def test_flora_forward_formula_and_merge():
+  w, x = _base_and_x()
+  node = _make("flora", w, ranks=(2, 3), scale=4.0)
+  np.testing.assert_allclose(_forward_per_layer(node, x), np.einsum("nti,lio->lnto", x, w), rtol=1e-6)  # G = 0
+  node = _randomize(node, ("u1", "core", "u2"))
+  got = _forward_per_layer(node, x)
+  u1, g, u2 = (np.asarray(getattr(node, k), np.float64) for k in ("u1", "core", "u2"))
+  for l in range(L):
+    want = x @ w[l].astype(np.float64) + 4.0 * (x @ u1[l] @ g[l] @ u2[l].T)   # s U1 G U2^T
+    np.testing.assert_allclose(got[l], want, rtol=1e-5, atol=1e-5)
+  merged = np.asarray(node.materialize())
+  np.testing.assert_allclose(np.einsum("nti,lio->lnto", x, merged), got, rtol=1e-5, atol=1e-5)
+
+
+def test_flora_trainable_count():
+  w, _ = _base_and_x()
+  assert _trainable_count(_make("flora", w, ranks=(2, 3))) == L * (DIN * 2 + 2 * 3 + DOUT * 3)
