@@ -85,6 +85,7 @@ def add_aux_losses(loss: jax.Array, metrics: dict, sown: Mapping[str, list], bat
   weights = dict(aux_default_weights())
   given = cfg.get("aux_weights") if cfg is not None else None
   if given:
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
     unknown = sorted(set(given) - set(_TERMS))
     if unknown:
       raise ValueError(f"config.loss.aux_weights: unknown term(s) {unknown}; valid: {', '.join(sorted(_TERMS))}")

@@ -22,5 +22,7 @@ from peft._dora import DoRA
 from peft._ia3 import IA3
 from peft._loramoe import LoRAMoE
 from peft._flora import FLoRA
+from peft._compacter import Compacter
+from peft._mos import MoS
 from peft._export import export_adapter, import_adapter
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks

@@ -27,8 +27,8 @@ adapted module, summed over modules and layers. `dot` sows Z for both possible t
 term `loramoe_blc` picks per sequence by the batch's types, and the trainer adds
 `config.loss.aux_weights.loramoe_blc * L_lbc` (default 0.1) to the loss, logged as `aux/loramoe_blc`.
 
-Defaults from the reference's `run_loramoe.sh`: 8 experts (`num_experts`), rank 4, alpha 32, on
-gate_proj/up_proj/down_proj. `blc_alpha` (δ) defaults to 0.1 and the weight β to 0.1, our choice (the
+The reference's `run_loramoe.sh` runs 8 experts (`options.num_experts`, our default), rank 4 and alpha 32
+(`config.peft.rank` / `alpha`, whose shared defaults are 8 / 8) on gate_proj/up_proj/down_proj. `blc_alpha` (δ) defaults to 0.1 and the weight β to 0.1, our choice (the
 script ships both at 0, which turns the constraint off: set `options.blc_alpha=0` and
 `config.loss.aux_weights.loramoe_blc=0` for it). The routing depends on the input, so a LoRAMoE layer
 cannot be merged into one weight (`materialize` raises).

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import losses
 import optim
 import peft
 from tests import refenv
@@ -124,9 +125,6 @@ def _trainable_count(node):
 # ===========================================================================================================
 # LoRAMoE
 # ===========================================================================================================
-import losses  # noqa: E402
-
-
 def _softmax(z):
   z = z - z.max(-1, keepdims=True)
   return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
@@ -226,3 +224,91 @@ def test_flora_forward_formula_and_merge():
 def test_flora_trainable_count():
   w, _ = _base_and_x()
   assert _trainable_count(_make("flora", w, ranks=(2, 3))) == L * (DIN * 2 + 2 * 3 + DOUT * 3)
+
+
+# ===========================================================================================================
+# Compacter
+# ===========================================================================================================
+def _gelu_tanh(z):
+  return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+
+
+def _compacter(n=2, red=2, din=6, d=8):
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((L, din, d)).astype(np.float32)
+  node = _make("compacter", w, n=n, reduction_factor=red)
+  names = ("rule", "down_s", "down_t", "down_bias", "up_s", "up_t", "up_bias")
+  return _randomize(node, names), w, rng.standard_normal((N, T, din)).astype(np.float32)
+
+
+def test_compacter_forward_formula():
+  node, w, x = _compacter()
+  sliced, closed = node.scan_parts()
+  assert sliced.rule is None and closed.shape == (2, 2, 2)     # the slow weights carry no layer axis
+  f64 = lambda z: np.asarray(z, np.float64)
+  rule = f64(node.rule)
+
+  def phm(s, t):   # sum_i A_i kron (s_i t_i^T)
+    return sum(np.kron(rule[i], s[i] @ t[i]) for i in range(rule.shape[0]))
+
+  for l in range(L):
+    layer = jax.tree.map(lambda z: z[l], sliced).scan_bind(node.rule)
+    got = np.asarray(layer.dot(jnp.asarray(x)))
+    p = {k: f64(getattr(node, k)[l]) for k in ("down_s", "down_t", "down_bias", "up_s", "up_t", "up_bias")}
+    h = x @ w[l].astype(np.float64)
+    want = h + _gelu_tanh(h @ phm(p["down_s"], p["down_t"]) + p["down_bias"]) @ phm(p["up_s"], p["up_t"]) \
+        + p["up_bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compacter_trainable_count():
+  n, red, d = 2, 2, 8
+  node, _, _ = _compacter(n=n, red=red, d=d)
+  k = d // red
+  # shared A (n^3) + per layer: rank-1 factors of both projections, r (d + k) each, and the two biases.
+  assert _trainable_count(node) == n ** 3 + L * (2 * (d + k) + k + d)
+  w, _ = _base_and_x()
+  with pytest.raises(ValueError, match="divisible"):
+    _make("compacter", w)          # DOUT=5 is no multiple of n=4
+
+
+# ===========================================================================================================
+# MoS
+# ===========================================================================================================
+def _mos(rank=4, l=2, **options):
+  w, x = _base_and_x()
+  node = _make("mos", w, rank=rank, shards_per_vector=l, **options)
+  return _randomize(node, ("pool_a", "pool_b")), w, x
+
+
+def test_mos_forward_formula_and_merge():
+  r, l = 4, 2
+  node, w, x = _mos(r, l)
+  sliced, (pa, pb) = node.scan_parts()
+  pa, pb = np.asarray(pa, np.float64), np.asarray(pb, np.float64)
+  got = []
+  for i in range(L):
+    layer = jax.tree.map(lambda z: z[i], sliced).scan_bind((node.pool_a, node.pool_b))
+    got.append(np.asarray(layer.dot(jnp.asarray(x))))
+    ia, ib = np.asarray(node.idx_a[i]), np.asarray(node.idx_b[i])
+    # rank vector j = its l shards concatenated, cut to the width (DIN = 6 -> shards of 3; DOUT = 5 -> of 3)
+    a = np.stack([np.concatenate([pa[ia[j, m]] for m in range(l)])[:DIN] for j in range(r)], 1)   # [in, r]
+    b = np.stack([np.concatenate([pb[ib[j, m]] for m in range(l)])[:DOUT] for j in range(r)], 0)  # [r, out]
+    want = x @ w[i].astype(np.float64) + node.scale * (x @ a @ b)
+    np.testing.assert_allclose(got[-1], want, rtol=1e-5, atol=1e-5)
+  merged = np.asarray(node.materialize())
+  np.testing.assert_allclose(np.einsum("nti,lio->lnto", x, merged), np.stack(got), rtol=1e-5, atol=1e-5)
+
+
+def test_mos_index_scheme_and_trainable_count():
+  r, l, private, public = 4, 2, 2, 7
+  node, _, _ = _mos(r, l, private=private, public=public)
+  for idx in (np.asarray(node.idx_a), np.asarray(node.idx_b)):
+    for i in range(L):
+      slots = idx[i].reshape(-1)
+      np.testing.assert_array_equal(slots[:private], public + i * private + np.arange(private))   # its own
+      shared = slots[private:]
+      assert len(set(shared)) == len(shared) and shared.max() < public        # distinct public shards
+  assert not np.array_equal(node.idx_a, node.idx_b)                             # pair dissociation
+  size = public + L * private
+  assert _trainable_count(node) == size * (-(-DIN // l) + -(-DOUT // l))
