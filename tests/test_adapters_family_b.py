@@ -53,6 +53,18 @@ def test_loraplus_groups():
                     "lm_head/kernel": "a"}
 
 
+def test_lorafa_projection_formula():
+  # Adam hides a constant factor of the projected gradient (up to eps), so check 1/s^2 (a^T a + d I)^-1 g_b
+  # directly, on stacked factors.
+  rng = np.random.default_rng(0)
+  a, b, ga, gb = (rng.standard_normal(s).astype(np.float32) for s in ((2, 6, 3), (2, 3, 5), (2, 6, 3), (2, 3, 5)))
+  out = optim.lorafa_gradients({"k": _lora(ga, gb, 2.0)}, {"k": _lora(a, b, 2.0)}, delta=1e-8)["k"]
+  a64 = a.astype(np.float64)
+  want = np.linalg.solve(np.swapaxes(a64, -1, -2) @ a64 + 1e-8 * np.eye(3), gb) / 4.0
+  np.testing.assert_allclose(out.b, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(out.a, 0.0)
+
+
 @pytest.mark.parity
 def test_loraplus_matches_peft(peft_steps):
   r = {k[len("plus_"):]: v for k, v in peft_steps.items() if k.startswith("plus_")}
