@@ -4,6 +4,7 @@ from __future__ import annotations
 import ml_collections
 
 import data
+import losses
 import optim
 import peft
 
@@ -87,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "nll"                     # a losses registry name
   c.loss.z_loss = 0.0
+  c.loss.aux_weights = losses.aux_default_weights()   # {term: weight} of terms the model sows (loramoe_blc)
 
   # HT-SR: alpha of every weight matrix every `esd_interval` steps (TensorBoard `alpha/block_<l>`), and
   # TempBalance / Model Balancing layerwise learning rates from those alphas. Every field with its default

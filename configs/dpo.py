@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.total_steps = arg.steps if not arg.smoke else 8
   c.optim.learning_rate = 1e-3           # LoRA; use ~1e-5 for full fine-tuning
   c.optim.warmup_steps = 20 if not arg.smoke else 2
-  c.loss = ml_collections.ConfigDict()
+  c.loss = ml_collections.ConfigDict({"aux_weights": c.loss.aux_weights})   # aux terms: configs/common.py
   c.loss.name = arg.loss                 # dpo | simpo | cpo | orpo | kto | bco
   if arg.loss == "dpo":
     c.loss.loss_type = (arg.loss_type,)  # TRL loss_type list: sigmoid, ipo, hinge, robust, apo_zero, ...

@@ -3,7 +3,10 @@
     entry = losses.get(config.loss.name)   # .fn, .needs_for(cfg), .kind, .init_params(...)
     policy = losses.model_outputs(model, params, batch, entry.needs_for(config.loss))
     loss, metrics = entry.fn(policy, reference, batch, config.loss)
+    loss, metrics = losses.add_aux_losses(loss, metrics, sown, batch, config.loss)   # terms the model sowed
 """
+from losses._aux import (AuxTerm, add_aux_losses, aux_default_weights, collecting, register_aux, sow,
+                          stacked)
 from losses._registry import NEEDS, FrozenModel, LossEntry, LossParams, Outputs, get, names, register
 from losses._outputs import model_outputs
 from losses import _sft  # noqa: F401  (registers nll)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import losses
 import peft
 from models._config import DecoderConfig
 
@@ -276,20 +277,25 @@ class Decoder:
 
     def body(x, layer):
       p, kv = layer
-      return self._layer(x, peft.scan_bind(p, closed), positions, mask, kv, start, capture)
+      # What adapters sow in this layer (auxiliary loss terms, `losses.sow`) leaves the scan as an output.
+      with losses.collecting() as sown:
+        x, out = self._layer(x, peft.scan_bind(p, closed), positions, mask, kv, start, capture)
+      return x, (out, losses.stacked(sown))
 
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
     kv_in = (cache.k, cache.v) if cache is not None else None
     if c.scan_layers:
-      x, kv_out = jax.lax.scan(body, x, (layers, kv_in))
+      x, (kv_out, sown) = jax.lax.scan(body, x, (layers, kv_in))
     else:
       outs = []
       for i in range(c.num_layers):
         layer = jax.tree.map(lambda a: a[i], (layers, kv_in))
-        x, kv = body(x, layer)
-        outs.append(kv)
-      kv_out = None if not outs or outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        x, out = body(x, layer)
+        outs.append(out)
+      kv_out, sown = jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs else (None, {})
+    for name, value in sown.items():   # [L, M, ...] per name, to the caller's collection
+      losses.sow(name, value)
     if capture_inputs:
       kv_out, stats = kv_out
 

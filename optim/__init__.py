@@ -7,6 +7,7 @@ Public surface:
   register_optimizer(name)                     add an optimizer; its keyword defaults are its config section
   galore / fira / frugal / lift / lora_pro     projected and sparse optimizers (`scale_by_<m>` + `<m>`)
   hft                                          Half Fine-Tuning around any optimizer
+  loraplus / lorafa                            LoRA+ (B's lr x ratio) and LoRA-FA (A frozen, B projected)
   tempbalance / refresh_multipliers / schedule TempBalance / Model Balancing layerwise rates from HT-SR alpha
   layer_probs / draw / reset_slot_state        layer sampling (LISA, OwLore) over `peft`'s slot nodes
 
@@ -29,3 +30,5 @@ from optim._tempbalance import default_config as tempbalance_default_config
 from optim._sampling import (METHODS as SAMPLING_METHODS, SamplingConfig, draw, inverse_alpha_scores,
                              layer_probs, outlier_scores, reset_slot_state, sampling_hook)
 from optim._hft import HFTState, hft, hft_selection
+from optim._loraplus import loraplus, loraplus_labels
+from optim._lorafa import ScaleByHfAdamState, lorafa, lorafa_gradients, scale_by_hf_adam, scale_by_lorafa

@@ -24,5 +24,9 @@ from peft._vera import VeRA, vera_basis
 from peft._hra import HRA
 from peft._miss import MiSS
 from peft._nola import NOLA, nola_bases
+from peft._loramoe import LoRAMoE
+from peft._flora import FLoRA
+from peft._compacter import Compacter
+from peft._mos import MoS
 from peft._export import export_adapter, import_adapter
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks

@@ -68,7 +68,8 @@ def loss_and_metrics(trainable, frozen, ref_params, batch, rng, loss_frozen=None
         model_outputs(frozen_model, loss_frozen, batch, frozenset(spec.needs(loss_cfg))))}
   if build.LOSS_PARAMS in params:     # parameters the loss trains, where its registration says it reads them
     batch = {**batch, loss_entry.params.batch_key: params[build.LOSS_PARAMS]}
-  policy = model_outputs(model, params, batch, needs)
+  with losses.collecting() as sown:   # auxiliary terms the model sows (LoRAMoE's balancing loss)
+    policy = model_outputs(model, params, batch, needs)
   reference = None
   if "reference" in needs:
     if "ref_logps" in batch:     # precomputed once into the data
@@ -77,6 +78,7 @@ def loss_and_metrics(trainable, frozen, ref_params, batch, rng, loss_frozen=None
       ref = ref_params if ref_params is not None else peft.strip(params)
       reference = jax.lax.stop_gradient(model_outputs(model, ref, batch, needs))
   loss, metrics = loss_entry.fn(policy, reference, batch, loss_cfg)
+  loss, metrics = losses.add_aux_losses(loss, metrics, sown, batch, loss_cfg)   # + aux_weights[name] * term
   metrics = {"loss": loss, **metrics}
   if loss_entry.kind in ("pairwise", "listwise") and policy["logps"].shape[1] > 1:
     metrics["ranking_accuracy"] = ranking_accuracy(policy["logps"], batch)
