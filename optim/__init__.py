@@ -7,14 +7,16 @@ Public surface:
   register_optimizer(name)                     add an optimizer; its keyword defaults are its config section
   galore / fira / frugal / lift / lora_pro     projected and sparse optimizers (`scale_by_<m>` + `<m>`)
   hft                                          Half Fine-Tuning around any optimizer
+  register_adapter_transform(method)           what an adapter needs from the optimizer (AdaLoRA's allocator)
   tempbalance / refresh_multipliers / schedule TempBalance / Model Balancing layerwise rates from HT-SR alpha
   layer_probs / draw / reset_slot_state        layer sampling (LISA, OwLore) over `peft`'s slot nodes
 
 Host work between steps (resampling, ESD refreshes, HFT stages) is registered with `hooks.register_hook`
 by the modules below; importing the package registers them.
 """
-from optim._registry import (OptimizerFactory, PROJECTED, default_config as optimizer_config, get_optimizer,
-                             optimizer_names, options, path_mask, register_optimizer)
+from optim._registry import (OptimizerFactory, PROJECTED, adapter_transform, default_config as optimizer_config,
+                             get_optimizer, optimizer_names, options, path_mask, register_adapter_transform,
+                             register_optimizer)
 from optim._factory import NO_DECAY, SCHEDULES, check_config, default_config, first_match_labels, from_config, make, make_schedule, resolve
 from optim._galore import ScaleByGaLoreState, galore, scale_by_galore
 from optim._fira import ScaleByFiraState, fira, scale_by_fira
@@ -29,3 +31,5 @@ from optim._tempbalance import default_config as tempbalance_default_config
 from optim._sampling import (METHODS as SAMPLING_METHODS, SamplingConfig, draw, inverse_alpha_scores,
                              layer_probs, outlier_scores, reset_slot_state, sampling_hook)
 from optim._hft import HFTState, hft, hft_selection
+from optim._adalora import (AdaLoraState, budget_of as adalora_budget, budget_table as adalora_budget_table,
+                            rank_allocator as adalora_rank_allocator)

@@ -10,7 +10,7 @@ Public surface:
   sample_layers / resample      the slot nodes of layer sampling (LISA, OwLore); the sampling is `optim`'s
 """
 from peft._core import (Adapter, combine, count, dot, flatten, has_adapters, is_adapter, map_with_path,
-                        merge, path_str, scan_bind, scan_split, split, strip)
+                        merge, path_str, regularizer, scan_bind, scan_split, split, strip)
 from peft._node import (AdapterSpec, adapter_names, adapter_node, get_adapter, input_dropout, register_adapter,
                         register_hf_format, static_field)
 from peft._targets import HF_MODULES, kernel_paths, match_targets, target_regex
@@ -20,5 +20,6 @@ from peft._quant import QuantizedWeight, float_weight, like_base, nbytes, quanti
 from peft._lora import LoRA
 from peft._dora import DoRA
 from peft._ia3 import IA3
+from peft._adalora import AdaLoRA, adalora_options
 from peft._export import export_adapter, import_adapter
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks

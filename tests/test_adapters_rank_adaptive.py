@@ -1,0 +1,211 @@
+"""Rank-adaptive adapters: AdaLoRA (PEFT parity: forward, merge, orthogonality penalty, rank allocator),
+DyLoRA, SoRA: forward formulas against float64 numpy, trainable-parameter counts against each paper's
+formula, and no recompilation of the jitted step when ranks change (capacity is preallocated and masked).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optim
+import peft
+from tests import refenv
+
+RS = np.random.RandomState
+F64 = np.float64
+
+
+def _np(x):
+  return np.asarray(x, F64)
+
+
+# =====================================================================================================
+# AdaLoRA
+# =====================================================================================================
+ADA = dict(init_r=4, target_r=2, alpha=3.0, total_step=10, tinit=2, tfinal=3, deltaT=2, beta1=0.85, beta2=0.85,
+           orth_reg_weight=0.5)
+SHAPES = {"lin1": (6, 5), "lin2": (5, 4)}          # [in, out]
+STEPS = 10
+
+
+def _ada_inputs():
+  rng = RS(0)
+  r = ADA["init_r"]
+  arrays = {"x": rng.normal(size=(3, 6)).astype(np.float32)}
+  for m, (i, o) in SHAPES.items():
+    arrays[f"{m}__w"] = rng.normal(size=(o, i)).astype(np.float32)        # torch layout
+    arrays[f"{m}__A"] = rng.normal(size=(r, i)).astype(np.float32)
+    arrays[f"{m}__E"] = rng.normal(size=(r,)).astype(np.float32)
+    arrays[f"{m}__B"] = rng.normal(size=(o, r)).astype(np.float32)
+    for t in range(STEPS):
+      for f, shape in (("A", (r, i)), ("E", (r,)), ("B", (o, r))):
+        arrays[f"t{t}__{m}__{f}"] = rng.normal(size=shape).astype(np.float32)
+        arrays[f"t{t}__{m}__g{f}"] = rng.normal(size=shape).astype(np.float32)
+  return arrays
+
+
+def _ada_node(arrays, m, prefix="", base=True):
+  scale = ADA["alpha"] / (ADA["init_r"] + 1e-5)
+  return peft.AdaLoRA(jnp.asarray(arrays[f"{m}__w"].T) if base else None,
+                      jnp.asarray(arrays[f"{prefix}{m}__A"].T), jnp.asarray(arrays[f"{prefix}{m}__E"]),
+                      jnp.asarray(arrays[f"{prefix}{m}__B"].T), scale=scale,
+                      orth_reg_weight=ADA["orth_reg_weight"])
+
+
+def _ada_tx():
+  return optim.adalora_rank_allocator(optax.set_to_zero(), total_step=ADA["total_step"], target_r=ADA["target_r"],
+                                      tinit=ADA["tinit"], tfinal=ADA["tfinal"], deltaT=ADA["deltaT"],
+                                      beta1=ADA["beta1"], beta2=ADA["beta2"])
+
+
+@pytest.fixture(scope="module")
+def peft_adalora():
+  refenv.require()
+  arrays = _ada_inputs()
+  kw = {k: v for k, v in ADA.items()}
+  return arrays, refenv.run("peft_adalora", arrays, steps=STEPS, **kw)
+
+
+def test_adalora_forward_and_merge_formula():
+  """y = x W0 + s x Q^T diag(e) P^T, s = alpha / (init_r + 1e-5), on stacked layers; merge = forward."""
+  rng = RS(1)
+  L, i, o, r = 2, 6, 5, 4
+  w, a, e, b = (rng.normal(size=s).astype(np.float32) for s in ((L, i, o), (L, i, r), (L, r), (L, r, o)))
+  node = peft.AdaLoRA(jnp.asarray(w), jnp.asarray(a), jnp.asarray(e), jnp.asarray(b), scale=3.0 / (r + 1e-5))
+  x = rng.normal(size=(3, i)).astype(np.float32)
+  for l in range(L):
+    want = _np(x) @ _np(w[l]) + 3.0 / (r + 1e-5) * (_np(x) @ (_np(a[l]) * _np(e[l])[None]) @ _np(b[l]))
+    got = jax.tree.map(lambda z: z[l], node).dot(jnp.asarray(x))
+    np.testing.assert_allclose(_np(got), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(x) @ _np(node.materialize()[l]), want, rtol=1e-5, atol=1e-5)
+  made = peft.get_adapter("adalora")(jnp.asarray(w), peft.AdapterSpec("adalora", alpha=3.0, options={"init_r": 4}),
+                                     jax.random.PRNGKey(0), "k")
+  assert float(jnp.abs(made.e).max()) == 0.0 and made.rank == 4            # PEFT's init: Λ = 0
+  np.testing.assert_allclose(0.02, float(jnp.std(made.a)), rtol=0.3)
+  np.testing.assert_array_equal(np.asarray(made.materialize()), w)
+
+
+def test_adalora_orthogonality_formula():
+  """w / (2 n) sum_modules (||Q Q^T - I||_F + ||P^T P - I||_F), pooled over nodes (stacked = L modules)."""
+  rng = RS(2)
+  n1 = peft.AdaLoRA(None, *(jnp.asarray(rng.normal(size=s)) for s in ((2, 6, 3), (2, 3), (2, 3, 5))),
+                    orth_reg_weight=0.7)
+  n2 = peft.AdaLoRA(None, *(jnp.asarray(rng.normal(size=s)) for s in ((4, 3), (3,), (3, 7))), orth_reg_weight=0.7)
+  terms = []
+  for a, b in [(n1.a[0], n1.b[0]), (n1.a[1], n1.b[1]), (n2.a, n2.b)]:
+    q, p = _np(a).T, _np(b).T                 # Q [r, in], P [out, r]
+    terms += [np.linalg.norm(q @ q.T - np.eye(3)), np.linalg.norm(p.T @ p - np.eye(3))]
+  want = 0.7 * np.mean(terms)
+  np.testing.assert_allclose(float(peft.regularizer({"x": n1, "y": n2})), want, rtol=1e-6)
+  assert peft.regularizer({"x": jnp.ones(3)}) is None
+
+
+def test_adalora_budget_schedule_formula():
+  """The cubic schedule: b_0 through tinit, int((b_0 - b_T) m^3 + b_T) with m = 1 - (t - tinit)/(T - tf - ti),
+  b_T after T - tfinal; allocations every deltaT steps in the middle phase and every step after."""
+  budget, alloc = optim.adalora_budget_table(48, 16, 20, tinit=3, tfinal=4, deltaT=3)
+  for t in range(21):
+    m = 1 - (t - 3) / (20 - 4 - 3)
+    want = 48 if t <= 3 else 16 if t > 16 else math.floor(32 * m ** 3 + 16)
+    assert budget[t] == want and alloc[t] == (t > 16 or (3 < t <= 16 and t % 3 == 0)), t
+  assert np.all(np.diff(budget) <= 0)
+
+
+def test_adalora_trainable_count(tiny_model):
+  """init_r (in + out + 1) per adapted matrix (Q, P and Λ)."""
+  model, params = tiny_model()
+  spec = peft.AdapterSpec("adalora", options={"init_r": 5})
+  adapted = peft.apply(params, {("q_proj", "down_proj"): spec})
+  trainable, _ = peft.split(adapted)
+  want = 0
+  for path in ("layers/attn/q_proj/kernel", "layers/mlp/down_proj/kernel"):
+    L, i, o = peft.flatten(params)[path].shape
+    want += L * 5 * (i + o + 1)
+  assert peft.count(trainable) == want
+
+
+@pytest.mark.parity
+def test_adalora_matches_peft(peft_adalora):
+  """PEFT 0.21.2 on the same weights: outputs unmerged and merged, the orthogonality penalty, and Λ and the
+  budget after every `update_and_allocate(t)` of a 10-step schedule (warmup, cubic phase with deltaT=2,
+  the forced final allocation and the fixed pattern)."""
+  arrays, ref = peft_adalora
+  nodes = {m: _ada_node(arrays, m) for m in SHAPES}
+  x = jnp.asarray(arrays["x"])
+  y = nodes["lin2"].dot(nodes["lin1"].dot(x))
+  np.testing.assert_allclose(np.asarray(y), ref["y"], rtol=1e-5, atol=1e-6)
+  merged = {m: n.materialize() for m, n in nodes.items()}
+  np.testing.assert_allclose(np.asarray(x @ merged["lin1"] @ merged["lin2"]), ref["y_merged"], rtol=1e-5,
+                             atol=1e-6)
+  for m in SHAPES:
+    np.testing.assert_allclose(np.asarray(merged[m]).T, ref[f"{m}__merged"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(peft.regularizer(nodes)), float(ref["orth"]), rtol=1e-5)
+
+  tx = _ada_tx()
+  trainable = {m: _ada_node(arrays, m, "t0__", base=False) for m in SHAPES}
+  state = tx.init(trainable)
+  update = jax.jit(tx.update)
+  pruned_any = False
+  for t in range(STEPS):
+    p = {m: _ada_node(arrays, m, f"t{t}__", base=False) for m in SHAPES}
+    g = {m: p[m].replace(a=jnp.asarray(arrays[f"t{t}__{m}__gA"].T), e=jnp.asarray(arrays[f"t{t}__{m}__gE"]),
+                         b=jnp.asarray(arrays[f"t{t}__{m}__gB"].T)) for m in SHAPES}
+    u, state = update(g, state, p)
+    new = optax.apply_updates(p, u)
+    assert int(state.budget) == int(ref[f"t{t}__budget"]), t
+    for m in SHAPES:
+      np.testing.assert_array_equal(np.asarray(new[m].e), ref[f"t{t}__{m}__E"], err_msg=f"step {t} {m}")
+      pruned_any |= bool(np.any(ref[f"t{t}__{m}__E"] == 0))
+  assert pruned_any
+  assert sum(int(k.sum()) for k in state.keep) == ADA["target_r"] * len(SHAPES)
+
+
+def test_adalora_budget_changes_never_recompile():
+  """One compilation of the allocator's update across every budget of the schedule."""
+  tx = _ada_tx()
+  rng = RS(3)
+  p = {m: peft.AdaLoRA(None, jnp.asarray(rng.normal(size=(i, 4)), jnp.float32), jnp.ones(4, jnp.float32),
+                       jnp.asarray(rng.normal(size=(4, o)), jnp.float32)) for m, (i, o) in SHAPES.items()}
+  state = tx.init(p)
+  update = jax.jit(tx.update)
+  budgets, ranks = [], []
+  for _ in range(ADA["total_step"] + 2):
+    g = jax.tree.map(lambda z: jnp.asarray(rng.normal(size=z.shape), jnp.float32), p)
+    u, state = update(g, state, p)
+    budgets.append(int(state.budget))
+    ranks.append(sum(int(k.sum()) for k in state.keep))
+  assert len(set(budgets)) >= 3 and ranks[-1] == ADA["target_r"] * 2
+  assert update._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_adalora_training_budget_shrinks_to_target(tmp_path):
+  """configs/lora.py:adapter=adalora through the trainer: the orthogonality penalty is logged, and the
+  allocator's budget ends at target_r per module with exactly that many nonzero singular values."""
+  import train_lib   # pylint: disable=g-import-not-at-top
+  from configs import lora   # pylint: disable=g-import-not-at-top
+  c = lora.get_config("model=tiny,smoke,adapter=adalora")
+  c.peft.targets = "q_proj,v_proj"
+  c.peft.options.init_r = 4
+  c.peft.options.target_r = 2
+  c.peft.options.tinit = 2
+  c.peft.options.tfinal = 2
+  c.eval_before = False
+  c.eval.num_examples = 0
+  c.eval.num_loss_batches = 0
+  summary = train_lib.train_and_evaluate(c, str(tmp_path))
+  state = summary["state"]
+  budget, ranks = optim.adalora_budget(state.opt_state)
+  modules = 2 * 2                                       # q and v in 2 layers
+  assert int(budget) == 2 * modules
+  assert sum(int(r.sum()) for r in ranks) == 2 * modules
+  es = [n.e for n in optim._adalora.nodes(state.params)]
+  assert sum(int((e != 0).sum()) for e in es) == 2 * modules
+  import json   # pylint: disable=g-import-not-at-top
+  import os   # pylint: disable=g-import-not-at-top
+  with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+    logged = [json.loads(l) for l in f]
+  assert any("adapter_regularizer" in m and m["adapter_regularizer"] > 0 for m in logged)
