@@ -209,3 +209,79 @@ def test_adalora_training_budget_shrinks_to_target(tmp_path):
   with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
     logged = [json.loads(l) for l in f]
   assert any("adapter_regularizer" in m and m["adapter_regularizer"] > 0 for m in logged)
+
+
+# =====================================================================================================
+# DyLoRA
+# =====================================================================================================
+def _dylora(r=6, i=5, o=4, seed=4, **opts):
+  rng = RS(seed)
+  w = jnp.asarray(rng.normal(size=(i, o)), jnp.float32)
+  n = peft.get_adapter("dylora")(w, peft.AdapterSpec("dylora", rank=r, alpha=3.0, options=opts),
+                                 jax.random.PRNGKey(seed), "k")
+  return n.replace(b=jnp.asarray(rng.normal(size=(r, o)), jnp.float32))     # off the B = 0 init
+
+
+def _dylora_want(n, x, b):
+  """x W0 + (alpha / r) (x A[:, :b] c)(c B[:b]), c = sqrt(r / b) (the reference scales both factors)."""
+  r = n.rank
+  c = math.sqrt(r / b)
+  return _np(x) @ _np(n.base) + n.scale * ((_np(x) @ (_np(n.a)[:, :b] * c)) @ (c * _np(n.b)[:b]))
+
+
+def test_dylora_forward_formula_every_rank():
+  n = _dylora()
+  x = jnp.asarray(RS(5).normal(size=(3, 5)), jnp.float32)
+  assert n.scale == 3.0 / 6
+  for b in range(1, 7):
+    want = _dylora_want(n, x, b)
+    np.testing.assert_allclose(_np(n.replace(step_rank=jnp.int32(b)).dot(x)), want, rtol=1e-5, atol=1e-5)
+    at_b = peft.dylora_at_rank({"k": n}, b)["k"]                   # eval / merge at rank b
+    np.testing.assert_allclose(_np(at_b.dot(x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(x) @ _np(at_b.materialize()), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_np(n.dot(x)), _dylora_want(n, x, 6), rtol=1e-5, atol=1e-5)   # eval_rank = r_max
+  with pytest.raises(ValueError, match="dylora"):
+    _dylora(eval_rank=7)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_dylora_gradients_frozen_mode(frozen):
+  """Frozen (the reference's training mode): only A[:, b-1] and B[b-1] get a gradient; else A[:, :b], B[:b]."""
+  n = _dylora(frozen=frozen).replace(step_rank=jnp.int32(3))
+  x = jnp.asarray(RS(6).normal(size=(3, 5)), jnp.float32)
+  g = jax.grad(lambda a, b: jnp.sum(n.replace(a=a, b=b).dot(x) ** 2), argnums=(0, 1))(n.a, n.b)
+  live = np.abs(np.asarray(g[0])).sum(0) > 0, np.abs(np.asarray(g[1])).sum(1) > 0
+  want = np.arange(6) == 2 if frozen else np.arange(6) < 3
+  np.testing.assert_array_equal(live[0], want)
+  np.testing.assert_array_equal(live[1], want)
+
+
+def test_dylora_trainable_count(tiny_model):
+  """r_max (in + out) per adapted matrix, as LoRA at r_max."""
+  _, params = tiny_model()
+  adapted = peft.apply(params, {("q_proj", "v_proj"): peft.AdapterSpec("dylora", rank=4)})
+  want = sum(L * 4 * (i + o) for L, i, o in (peft.flatten(params)[f"layers/attn/{m}_proj/kernel"].shape
+                                             for m in ("q", "v")))
+  assert peft.count(peft.split(adapted)[0]) == want
+
+
+def test_dylora_rank_draws_never_recompile():
+  """One rank per step shared by every node, drawn inside the jitted step: one compilation for all draws."""
+  params = {"l1": _dylora(r=6, i=5, o=5, seed=7), "l2": _dylora(r=6, i=5, o=4, seed=8)}
+  trainable, frozen = peft.split(params)
+  x = jnp.asarray(RS(9).normal(size=(3, 5)), jnp.float32)
+
+  @jax.jit
+  def step(trainable, rng):
+    def loss(t):
+      p = peft.with_dropout_rng(peft.combine(t, frozen), rng)
+      return jnp.sum(p["l2"].dot(p["l1"].dot(x)) ** 2), (p["l1"].step_rank, p["l2"].step_rank)
+    return jax.grad(loss, has_aux=True)(trainable)
+
+  drawn = []
+  for s in range(12):
+    _, (r1, r2) = step(trainable, jax.random.PRNGKey(s))
+    assert int(r1) == int(r2)
+    drawn.append(int(r1))
+  assert len(set(drawn)) >= 3 and min(drawn) >= 1 and max(drawn) <= 6
+  assert step._cache_size() == 1
