@@ -33,3 +33,4 @@ from optim._sampling import (METHODS as SAMPLING_METHODS, SamplingConfig, draw, 
 from optim._hft import HFTState, hft, hft_selection
 from optim._adalora import (AdaLoraState, budget_of as adalora_budget, budget_table as adalora_budget_table,
                             rank_allocator as adalora_rank_allocator)
+from optim._sora import SoraProximalState, reference_threshold, soft_threshold, sora_proximal

@@ -285,3 +285,77 @@ def test_dylora_rank_draws_never_recompile():
     drawn.append(int(r1))
   assert len(set(drawn)) >= 3 and min(drawn) >= 1 and max(drawn) <= 6
   assert step._cache_size() == 1
+
+
+# =====================================================================================================
+# SoRA
+# =====================================================================================================
+def _sora(r=5, i=6, o=4, lead=(), seed=10, **opts):
+  rng = RS(seed)
+  w = jnp.asarray(rng.normal(size=lead + (i, o)), jnp.float32)
+  n = peft.get_adapter("sora")(w, peft.AdapterSpec("sora", rank=r, alpha=2.0, options=opts),
+                               jax.random.PRNGKey(seed), "k")
+  return n.replace(b=jnp.asarray(rng.normal(size=lead + (r, o)), jnp.float32))
+
+
+def test_sora_forward_and_l1_formula():
+  """y = x W0 + (alpha / r) ((x A) ⊙ g) B; loss term sparse_lambda * sum|g| / #gates over all nodes."""
+  n = _sora(sparse_lambda=0.3)
+  x = jnp.asarray(RS(11).normal(size=(3, 6)), jnp.float32)
+  want = _np(x) @ _np(n.base) + 0.4 * (((_np(x) @ _np(n.a)) * _np(n.g)) @ _np(n.b))
+  np.testing.assert_allclose(_np(n.dot(x)), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_np(x) @ _np(n.materialize()), want, rtol=1e-5, atol=1e-5)
+  m = _sora(r=3, i=4, o=4, lead=(2,), seed=12, sparse_lambda=0.3)
+  gates = np.concatenate([_np(n.g).ravel(), _np(m.g).ravel()])
+  np.testing.assert_allclose(float(peft.regularizer({"n": n, "m": m})), 0.3 * np.abs(gates).sum() / gates.size,
+                             rtol=1e-6)
+
+
+def test_sora_proximal_step_formula():
+  """The gates after the step are soft_threshold(g + adam update, lambda); A, B get the Adam update alone.
+  `reference=True` is the reference's in-place sequence (zeroes lambda < |w| < 2 lambda)."""
+  n = _sora(r=8).replace(base=None)
+  grads = jax.tree.map(lambda z: jnp.asarray(RS(13).normal(size=z.shape), jnp.float32), n)
+  lam = 0.05
+  for reference in (False, True):
+    tx = optax.chain(optax.adam(0.04), optim.sora_proximal(lam, reference=reference))
+    u, _ = tx.update(grads, tx.init(n), n)
+    plain, _ = optax.adam(0.04).update(grads, optax.adam(0.04).init(n), n)
+    w = _np(n.g) + _np(plain.g)
+    if reference:
+      want = w.copy()
+      want[want > lam] -= lam
+      want[want < -lam] += lam
+      want[np.abs(want) < lam] = 0.0
+    else:
+      want = np.sign(w) * np.maximum(np.abs(w) - lam, 0.0)
+    np.testing.assert_allclose(_np(n.g) + _np(u.g), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(u.a), np.asarray(plain.a))
+  assert np.any(want == 0) and np.any(want != 0)
+
+
+def test_sora_prune_drops_zero_gates():
+  """Pruned to LoRA of rank max_layers(#live gates), same outputs, fewer parameters."""
+  n = _sora(r=5, i=6, o=4, lead=(2,), seed=14)
+  g = np.asarray(n.g).copy()
+  g[0, [0, 2, 3]] = 0.0
+  g[1, [1, 4]] = 0.0
+  n = n.replace(g=jnp.asarray(g))
+  pruned = peft.sora_prune({"k": n})["k"]
+  assert isinstance(pruned, peft.LoRA) and pruned.rank == 3
+  np.testing.assert_allclose(np.asarray(pruned.materialize()), np.asarray(n.materialize()), rtol=1e-6, atol=1e-6)
+  x = jnp.asarray(RS(15).normal(size=(3, 6)), jnp.float32)
+  for l in range(2):
+    layer = lambda z: jax.tree.map(lambda v: v[l], z)
+    np.testing.assert_allclose(np.asarray(layer(pruned).dot(x)), np.asarray(layer(n).dot(x)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_sora_trainable_count(tiny_model):
+  """r (in + out + 1) per adapted matrix: A, B and the gates."""
+  _, params = tiny_model()
+  adapted = peft.apply(params, {("k_proj", "up_proj"): peft.AdapterSpec("sora", rank=4)})
+  flat = peft.flatten(params)
+  want = sum(L * 4 * (i + o + 1) for L, i, o in (flat["layers/attn/k_proj/kernel"].shape,
+                                                 flat["layers/mlp/up_proj/kernel"].shape))
+  assert peft.count(peft.split(adapted)[0]) == want
