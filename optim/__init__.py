@@ -34,3 +34,4 @@ from optim._hft import HFTState, hft, hft_selection
 from optim._adalora import (AdaLoraState, budget_of as adalora_budget, budget_table as adalora_budget_table,
                             rank_allocator as adalora_rank_allocator)
 from optim._sora import SoraProximalState, reference_threshold, soft_threshold, sora_proximal
+from optim._increlora import IncreLoraState, grow as increlora_grow, score_emas as increlora_score_emas

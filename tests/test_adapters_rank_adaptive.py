@@ -202,7 +202,7 @@ def test_adalora_training_budget_shrinks_to_target(tmp_path):
   modules = 2 * 2                                       # q and v in 2 layers
   assert int(budget) == 2 * modules
   assert sum(int(r.sum()) for r in ranks) == 2 * modules
-  es = [n.e for n in optim._adalora.nodes(state.params)]
+  es = [n.e for n in jax.tree.leaves(state.params, is_leaf=peft.is_adapter) if isinstance(n, peft.AdaLoRA)]
   assert sum(int((e != 0).sum()) for e in es) == 2 * modules
   import json   # pylint: disable=g-import-not-at-top
   import os   # pylint: disable=g-import-not-at-top
@@ -359,3 +359,104 @@ def test_sora_trainable_count(tiny_model):
   want = sum(L * 4 * (i + o + 1) for L, i, o in (flat["layers/attn/k_proj/kernel"].shape,
                                                  flat["layers/mlp/up_proj/kernel"].shape))
   assert peft.count(peft.split(adapted)[0]) == want
+
+
+# =====================================================================================================
+# IncreLoRA
+# =====================================================================================================
+def _increlora(lead=(), seed=16, **opts):
+  rng = RS(seed)
+  w = jnp.asarray(rng.normal(size=lead + (6, 5)), jnp.float32)
+  o = dict(init_r=1, target_r=2, add_r=1, max_r=4, top_h=1)
+  o.update(opts)
+  n = peft.get_adapter("increlora")(w, peft.AdapterSpec("increlora", alpha=2.0, options=o),
+                                    jax.random.PRNGKey(seed), "k")
+  return n.replace(e=jnp.asarray(rng.normal(size=n.e.shape), jnp.float32))
+
+
+def test_increlora_forward_and_score_formula():
+  """y = x W0 + x alpha/(ranknum + 1e-5) Q^T diag(e m + 1e-5 m_res) P^T; the probe's gradient is
+  sum|ΔW ⊙ dL/dΔW| / sqrt(#ΔW) with dL/dΔW = x^T dL/dy."""
+  n = _increlora()
+  x = jnp.asarray(RS(17).normal(size=(3, 6)), jnp.float32)
+  m, res = _np(n.used), _np(n.reserve)
+  np.testing.assert_array_equal(m, [1, 0, 0, 0])
+  np.testing.assert_array_equal(res, [0, 1, 0, 0])
+  dw = 2.0 / (1 + 1e-5) * (_np(n.a) * (_np(n.e) * m + 1e-5 * res)) @ _np(n.b)
+  want = _np(x) @ (_np(n.base) + dw)
+  np.testing.assert_allclose(_np(n.dot(x)), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_np(x) @ _np(n.materialize()), want, rtol=1e-5, atol=1e-5)
+  gp = jax.grad(lambda p: jnp.sum(n.replace(probe=p).dot(x) ** 2))(n.probe)
+  dldy = 2 * want
+  np.testing.assert_allclose(float(gp), np.abs(dw * (_np(x).T @ dldy)).sum() / math.sqrt(dw.size), rtol=1e-4)
+  g = jax.grad(lambda e: jnp.sum(n.replace(e=e).dot(x) ** 2))(n.e)
+  np.testing.assert_array_equal(np.asarray(g) != 0, [True, False, False, False])   # only used ranks train e
+
+
+def test_increlora_growth_and_count():
+  """A growth round gives the top_h highest-scoring modules their reserve; trainable parameters in use are
+  sum_modules ranknum (in + out + 1), the paper's count; the scaling follows ranknum."""
+  n = _increlora(lead=(3,), top_h=2)
+  frozen, trainable = peft.split({"k": n})[1]["k"], peft.split({"k": n})[0]["k"]
+  scores = [np.array([0.3, 0.9, 0.5])]
+  new_f, new_p, grown = optim.increlora_grow([frozen], [trainable], scores, target_r=2, top_h=2, add_r=1)
+  assert grown == 2
+  used = np.asarray(new_f[0].used)
+  np.testing.assert_array_equal(used.sum(-1), [1, 2, 2])
+  np.testing.assert_array_equal(np.asarray(new_f[0].reserve), [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]])
+  np.testing.assert_allclose(np.asarray(new_p[0].e)[1:, 1], 1e-5)
+  in_use = int((used.sum(-1) * (6 + 5 + 1)).sum())
+  assert in_use == (1 + 2 + 2) * 12
+  new_f, _, grown = optim.increlora_grow(new_f, new_p, [np.array([0.9, 0.1, 0.1])], target_r=2, top_h=2, add_r=1)
+  assert grown == 1 and np.asarray(new_f[0].used).sum() == 6 and np.asarray(new_f[0].reserve).sum() == 0
+
+
+def test_increlora_growth_never_recompiles():
+  """Steps before and after growth rounds run one compilation; scores reach the EMAs, probes never move."""
+  n = _increlora(lead=(2,), top_h=1)
+  trainable, frozen = peft.split({"k": n})
+  tx = optim.increlora_score_emas(optax.adam(1e-2))
+  state = tx.init(trainable)
+  x = jnp.asarray(RS(18).normal(size=(3, 6)), jnp.float32)
+
+  @jax.jit
+  def step(trainable, frozen, state):
+    def loss(t):
+      node = peft.combine(t, frozen)["k"]
+      return sum(jnp.sum(jax.tree.map(lambda z: z[l], node).dot(x) ** 2) for l in range(2))
+    g = jax.grad(loss)(trainable)
+    u, state = tx.update(g, state, trainable)
+    return optax.apply_updates(trainable, u), state
+
+  for _ in range(3):
+    for _ in range(2):
+      trainable, state = step(trainable, frozen, state)
+    scores = [np.asarray(state.ipt[0]) * np.asarray(state.unc[0])]
+    new_f, new_p, _ = optim.increlora_grow([frozen["k"]], [trainable["k"]], scores, target_r=3, top_h=1, add_r=1)
+    frozen, trainable = {"k": new_f[0]}, {"k": new_p[0]}
+  assert float(np.asarray(frozen["k"].used).sum()) == 2 + 3 and np.all(np.asarray(state.ipt[0]) > 0)
+  assert float(np.abs(np.asarray(trainable["k"].probe)).max()) == 0.0
+  assert step._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_increlora_training_grows_to_target(tmp_path):
+  """configs/lora.py:adapter=increlora through the trainer: the host hook grows the ranks to target_r per
+  module (4 modules from 1 to 2 ranks, 2 per round) and logs the total; the frozen masks are checkpointed."""
+  import json   # pylint: disable=g-import-not-at-top
+  import os   # pylint: disable=g-import-not-at-top
+  import train_lib   # pylint: disable=g-import-not-at-top
+  from configs import lora   # pylint: disable=g-import-not-at-top
+  c = lora.get_config("model=tiny,smoke,adapter=increlora")
+  c.peft.targets = "q_proj,v_proj"
+  for k, v in dict(init_r=1, target_r=2, add_r=1, top_h=2, init_warmup=1, incre_interval=2, max_r=4).items():
+    c.peft.options[k] = v
+  c.eval_before = False
+  c.eval.num_examples = 0
+  c.eval.num_loss_batches = 0
+  summary = train_lib.train_and_evaluate(c, str(tmp_path))
+  used = [n.used for n in jax.tree.leaves(summary["frozen"], is_leaf=peft.is_adapter) if isinstance(n, peft.IncreLoRA)]
+  assert float(sum(np.asarray(u).sum() for u in used)) == 2 * 4
+  with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+    totals = [m["increlora/total_rank"] for m in map(json.loads, f) if "increlora/total_rank" in m]
+  assert totals[0] == 6 and totals[-1] == 8
