@@ -52,15 +52,17 @@ def score_emas(inner: optax.GradientTransformation, beta1: float = 0.85,
     return IncreLoraState(jnp.zeros((), jnp.int32), inner.init(params), z, z)
 
   def update_fn(grads, state, params=None):
-    updates, inner_state = inner.update(grads, state.inner_state, params)
     ipt, unc = [], []
     for g, m, u in zip(nodes(grads), state.ipt, state.unc):
       s = g.probe.astype(jnp.float32)
       m = beta1 * m + (1 - beta1) * s
       ipt.append(m)
       unc.append(beta2 * u + (1 - beta2) * jnp.abs(s - m))
-    updates = jax.tree.map(lambda u: u.replace(probe=jnp.zeros_like(u.probe)) if _is_node(u) else u, updates,
-                           is_leaf=_is_node)
+    # The scores are no gradients: the inner optimizer (and its global-norm clipping) sees zeros there.
+    no_probe = lambda t: jax.tree.map(lambda u: u.replace(probe=jnp.zeros_like(u.probe)) if _is_node(u) else u,
+                                      t, is_leaf=_is_node)
+    updates, inner_state = inner.update(no_probe(grads), state.inner_state, params)
+    updates = no_probe(updates)
     return updates, IncreLoraState(state.count + 1, inner_state, tuple(ipt), tuple(unc))
 
   return optax.GradientTransformation(init_fn, update_fn)

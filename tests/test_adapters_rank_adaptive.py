@@ -22,6 +22,13 @@ def _np(x):
   return np.asarray(x, F64)
 
 
+@pytest.fixture(scope="module")
+def tiny_params():
+  """The tiny decoder's params, made once for the count tests (D=64, L=2)."""
+  import models   # pylint: disable=g-import-not-at-top
+  return models.Decoder(models.DecoderConfig.tiny()).init(jax.random.PRNGKey(0))
+
+
 # =====================================================================================================
 # AdaLoRA
 # =====================================================================================================
@@ -114,9 +121,9 @@ def test_adalora_budget_schedule_formula():
   assert np.all(np.diff(budget) <= 0)
 
 
-def test_adalora_trainable_count(tiny_model):
+def test_adalora_trainable_count(tiny_params):
   """init_r (in + out + 1) per adapted matrix (Q, P and Λ)."""
-  model, params = tiny_model()
+  params = tiny_params
   spec = peft.AdapterSpec("adalora", options={"init_r": 5})
   adapted = peft.apply(params, {("q_proj", "down_proj"): spec})
   trainable, _ = peft.split(adapted)
@@ -256,9 +263,9 @@ def test_dylora_gradients_frozen_mode(frozen):
   np.testing.assert_array_equal(live[1], want)
 
 
-def test_dylora_trainable_count(tiny_model):
+def test_dylora_trainable_count(tiny_params):
   """r_max (in + out) per adapted matrix, as LoRA at r_max."""
-  _, params = tiny_model()
+  params = tiny_params
   adapted = peft.apply(params, {("q_proj", "v_proj"): peft.AdapterSpec("dylora", rank=4)})
   want = sum(L * 4 * (i + o) for L, i, o in (peft.flatten(params)[f"layers/attn/{m}_proj/kernel"].shape
                                              for m in ("q", "v")))
@@ -351,9 +358,9 @@ def test_sora_prune_drops_zero_gates():
                                atol=1e-5)
 
 
-def test_sora_trainable_count(tiny_model):
+def test_sora_trainable_count(tiny_params):
   """r (in + out + 1) per adapted matrix: A, B and the gates."""
-  _, params = tiny_model()
+  params = tiny_params
   adapted = peft.apply(params, {("k_proj", "up_proj"): peft.AdapterSpec("sora", rank=4)})
   flat = peft.flatten(params)
   want = sum(L * 4 * (i + o + 1) for L, i, o in (flat["layers/attn/k_proj/kernel"].shape,
