@@ -467,3 +467,19 @@ def test_increlora_training_grows_to_target(tmp_path):
   with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
     totals = [m["increlora/total_rank"] for m in map(json.loads, f) if "increlora/total_rank" in m]
   assert totals[0] == 6 and totals[-1] == 8
+
+
+def test_adalora_export_import_round_trip(tiny_params, tmp_path):
+  """PEFT's ADALORA format (lora_A [r, in], lora_E [r, 1], lora_B [out, r]) written and read back; PEFT
+  loading it with equal logits is the `adalora` row of test_peft_export.py."""
+  spec = peft.AdapterSpec("adalora", alpha=6.0, options={"init_r": 3, "total_step": 10, "target_r": 2})
+  adapted = peft.apply(tiny_params, {("q_proj", "v_proj"): spec})
+  adapted = jax.tree.map(lambda n: n.replace(e=n.e + 0.5) if isinstance(n, peft.AdaLoRA) else n, adapted,
+                         is_leaf=peft.is_adapter)
+  config = peft.export_adapter(str(tmp_path), adapted, spec)
+  assert (config["peft_type"], config["init_r"], config["target_r"], config["total_step"]) == ("ADALORA", 3, 2, 10)
+  back = peft.import_adapter(str(tmp_path), tiny_params)
+  for p, n in peft.flatten(adapted).items():
+    np.testing.assert_allclose(np.asarray(peft.flatten(back)[p]), np.asarray(n), rtol=1e-6, err_msg=p)
+  n0 = [n for n in jax.tree.leaves(back, is_leaf=peft.is_adapter) if isinstance(n, peft.AdaLoRA)][0]
+  assert abs(n0.scale - 6.0 / (3 + 1e-5)) < 1e-9
