@@ -6,6 +6,7 @@ Public surface:
   split(params) / combine(t, f) trainable and frozen parts (None placeholders keep the structure)
   merge(params) / strip(params) fold adapters into plain weights / drop them (the reference model)
   register_adapter(name)        add an adapter (see peft/ADDING_AN_ADAPTER.md)
+  regularizer(params)           the adapters' loss terms (AdaLoRA's orthogonality, SoRA's gate L1); None if none
   export_adapter / import_adapter   HF PEFT adapter directories
   sample_layers / resample      the slot nodes of layer sampling (LISA, OwLore); the sampling is `optim`'s
 """
