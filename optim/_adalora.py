@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import hooks
 import peft
 from optim._registry import register_adapter_transform
 
@@ -165,3 +166,20 @@ def budget_of(opt_state) -> Any:
     return None
   s = found[0]
   return s.budget, [jnp.sum(k, axis=-1) for k in s.keep]
+
+
+@hooks.register_hook("adalora_budget", enabled=lambda config: (config.get("peft") or {}).get("method") == "adalora")
+def adalora_budget_hook(config, model) -> hooks.HostHook:
+  """Logs `adalora/budget` (the budget of the last step) and `adalora/rank` (the triplets kept) every
+  `log_every_steps`; it changes nothing (the allocation itself runs in the step)."""
+  del model
+
+  def refresh(step, state, frozen, tx):
+    del step, tx
+    found = budget_of(state.opt_state)
+    if found is None:
+      return state, frozen
+    budget, ranks = found
+    return state, frozen, {"adalora/budget": int(budget), "adalora/rank": int(sum(int(r.sum()) for r in ranks))}
+
+  return hooks.HostHook(every=int(config.get("log_every_steps", 10)), refresh=refresh)

@@ -216,6 +216,8 @@ def test_adalora_training_budget_shrinks_to_target(tmp_path):
   with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
     logged = [json.loads(l) for l in f]
   assert any("adapter_regularizer" in m and m["adapter_regularizer"] > 0 for m in logged)
+  budgets = [m["adalora/budget"] for m in logged if "adalora/budget" in m]     # the hook's log, every 2 steps
+  assert budgets[0] == 4 * modules and budgets[-1] < budgets[0] and all(np.diff(budgets) <= 0)
 
 
 # =====================================================================================================
