@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 import data
 import train_lib
+from train_lib import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -135,6 +136,7 @@ def main(argv):
   if not verbose:   # orbax and absl are chatty at INFO; --verbosity=0 brings it back
     logging.set_verbosity(logging.WARNING)
   logging.info("config:\n%s", FLAGS.config)
+  distributed.initialize()      # several processes (a TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS & co.)
   try:
     train_lib.run_task(FLAGS.config, FLAGS.workdir)
   except (train_lib.UserError, data.DataError) as e:   # config, workdir and data errors: no traceback

@@ -21,6 +21,10 @@ from peft._quant import QuantizedWeight, float_weight, like_base, nbytes, quanti
 from peft._lora import LoRA
 from peft._dora import DoRA
 from peft._ia3 import IA3
+from peft._vera import VeRA, vera_basis
+from peft._hra import HRA
+from peft._miss import MiSS
+from peft._nola import NOLA, nola_bases
 from peft._adalora import AdaLoRA, adalora_options
 from peft._dylora import DyLoRA, dylora_at_rank
 from peft._sora import SoRA, sora_options, sora_prune

@@ -68,7 +68,7 @@ def apply(params: Params, spec: Mapping[Union[str, Sequence[str]], AdapterSpec],
       raise ValueError(f"adapter rank must be positive, got {s.rank}")
     if not 0.0 <= s.dropout < 1.0:
       raise ValueError(f"adapter dropout must be in [0, 1), got {s.dropout}")
-  chosen = match_targets(params, spec)
+  chosen = _prepare(params, match_targets(params, spec))
 
   def wrap(path, leaf):
     s = chosen.get(path)
@@ -79,6 +79,23 @@ def apply(params: Params, spec: Mapping[Union[str, Sequence[str]], AdapterSpec],
     return get_adapter(s.method)(leaf, s, _path_key(rng, path), path)
 
   return map_with_path(wrap, params, is_leaf=is_adapter)
+
+
+def _prepare(params: Params, chosen: dict) -> dict:
+  """A factory with a `prepare(spec, {path: leaf}) -> spec` attribute sees all the kernels one spec targets
+  before any is wrapped: nodes that share state across targets (VeRA's random basis, sized for the largest
+  targeted layer) read it from the returned spec's options."""
+  groups: dict[int, tuple] = {}
+  for p, s in chosen.items():
+    groups.setdefault(id(s), (s, []))[1].append(p)
+  leaves = {}
+  map_with_path(lambda p, l: leaves.setdefault(p, l), params, is_leaf=is_adapter)
+  out = {}
+  for s, paths in groups.values():
+    prepare = getattr(get_adapter(s.method), "prepare", None)
+    s = prepare(s, {p: leaves[p] for p in paths}) if prepare is not None else s
+    out.update({p: s for p in paths})
+  return out
 
 
 def with_dropout_rng(params: Params, rng: Optional[jax.Array]) -> Params:

@@ -119,6 +119,9 @@ def export_adapter(path: str, params, spec_or_cfg=None, model_type: str = "llama
       one = node if i is None else jax.tree.map(lambda x: x[i], node)
       for suffix, x in one.hf_tensors().items():
         tensors[f"{_PREFIX}{template.format(i=i)}.{suffix}"] = np.ascontiguousarray(x, np.float32)
+  # Tensors of the whole adapter rather than of one module (VeRA's shared random basis `base_model.vera_A`).
+  if hasattr(cls, "hf_shared"):
+    tensors.update({k: np.ascontiguousarray(x, np.float32) for k, x in cls.hf_shared(by_module).items()})
 
   config = {"peft_type": cls.hf_peft_type, "task_type": "CAUSAL_LM",
             "target_modules": sorted({s.split(".")[-1] for s in by_module}),
@@ -145,6 +148,10 @@ def import_adapter(path: str, params):
                      f"valid: {sorted(HF_FORMATS)}")
   cls = candidates[0]
   tensors = load_file(os.path.join(path, WEIGHTS))
+  # Adapter-wide tensors (`hf_shared_names`, e.g. VeRA's basis) go to every module's `from_hf(shared=...)`.
+  shared_names = getattr(cls, "hf_shared_names", ())
+  shared = {k: tensors.pop(k) for k in shared_names if k in tensors}
+  extra = {"shared": shared} if shared_names else {}
   # Every tensor must be read: one this adapter type does not know would otherwise be dropped silently
   # (e.g. lora_B.bias under a class without lora_bias, or modules_to_save copies).
   known = set(cls.hf_tensor_names) | {BASE_COPY}
@@ -187,7 +194,7 @@ def import_adapter(path: str, params):
       layers = [g["layers"][i] for i in range(n)]
     else:
       layers = [g["layers"][None]]
-    new[ours] = cls.from_hf(base, layers, config, g["module"], stacked)
+    new[ours] = cls.from_hf(base, layers, config, g["module"], stacked, **extra)
   return map_with_path(lambda p, l: new.get(p, l), params, is_leaf=is_adapter)
 
 

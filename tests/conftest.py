@@ -8,6 +8,10 @@ if ROOT not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A threaded BLAS on 2 shared cores makes small float64 SVDs hundreds of times slower.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Many tests (and the trainer subprocesses they start, which inherit this) compile the same tiny-model
+# steps: a persistent compilation cache shared by the xdist workers compiles each once per suite run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, "tests", ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 

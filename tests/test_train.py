@@ -1,4 +1,5 @@
-"""End to end: the smoke config trains, resumes after SIGKILL exactly, and 8 devices equal 1."""
+"""End to end: the smoke config trains, resumes after SIGKILL exactly, 8 devices and 2 processes equal 1, and a
+checkpoint restores onto another process count and mesh."""
 import numpy as np
 import pytest
 
@@ -22,17 +23,24 @@ def _assert_same_params(a, b, rtol):
 
 
 @pytest.mark.slow
-def test_eight_simulated_devices_equal_one(tmp_path):
-  common = {"total_steps": 6, "eval_before": False, "eval.num_examples": 0}
+def test_two_processes_then_eight_devices_on_another_mesh_equal_one_device(tmp_path):
+  """Several processes equal one, 8 devices equal 1, and a checkpoint restores elastically: steps 1-3 run
+  as 2 JAX processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives; mesh data 2 x fsdp 2
+  x tensor 2), steps 4-6 resume their checkpoint in 1 process x 8 devices on another mesh (data 2 x fsdp 4);
+  losses and parameters equal a 1-device run of 6 steps."""
+  common = {"total_steps": 6, "eval_before": False, "eval.num_examples": 0, "log_every_steps": 1}
   one = _run(tmp_path, "one", {**common, "mesh.data": 1})
-  eight = _run(tmp_path, "eight", {**common, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, devices=8)
-  assert int(eight["devices"]) == 8 and int(one["devices"]) == 1
+  half = train_runner.run_processes(SMOKE, tmp_path / "multi", tmp_path / "half.npz",
+                                    {**common, "total_steps": 3, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+                                    processes=2, devices=4)
+  assert int(half["processes"]) == 2 and int(half["devices"]) == 8
+  np.testing.assert_allclose(half["losses"], one["losses"][:3], rtol=2e-5)
+  eight = _run(tmp_path, "multi", {**common, "mesh.data": 2, "mesh.fsdp": 4}, devices=8)
+  assert int(eight["devices"]) == 8 and int(eight["processes"]) == 1 and int(eight["resumed_from"]) == 3
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
   _assert_same_params(_params(eight), _params(one), rtol=2e-4)
-  # The run changed the parameters (so equality is not trivially true).
-  init = _run(tmp_path, "init", {**common, "total_steps": 1, "optim.learning_rate": 1e-12})
-  diff = max(np.abs(one[k] - init[k]).max() for k in _params(one))
-  assert diff > 1e-3
+  # Steps 4-6 changed the parameters (so equality is not trivially true).
+  assert max(np.abs(one[k] - half[k]).max() for k in _params(one)) > 1e-3
 
 
 @pytest.mark.slow

@@ -50,6 +50,26 @@ def run(spec: str, workdir, out, overrides: dict, devices: int = 1) -> dict:
     return dict(f)
 
 
+def run_processes(spec: str, workdir, out, overrides: dict, processes: int = 2, devices: int = 4,
+                  timeout: float = 900) -> dict:
+  """Runs a config as `processes` JAX processes of `devices` CPU devices each, joined through
+  `jax.distributed` on 127.0.0.1 (CPU collectives over gloo); process 0 writes `out`."""
+  import socket   # pylint: disable=g-import-not-at-top
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(env(devices), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                     JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)))
+           for i in range(processes)]
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+  with np.load(out) as f:
+    return dict(f)
+
+
 def kill_after_checkpoint(spec: str, workdir, out, overrides: dict, step: int, timeout: float = 600) -> None:
   """Starts a run and SIGKILLs it as soon as checkpoint `step` is committed (orbax renames it into place)."""
   proc = subprocess.Popen([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
@@ -72,14 +92,22 @@ def main():
   import jax
   import peft
   import train_lib
+  from train_lib import distributed
+  distributed.initialize()
   config = apply_overrides(load_config(spec), overrides)
   summary = train_lib.train_and_evaluate(config, workdir)
-  flat = peft.flatten(jax.device_get(summary["state"].params))
+  params = summary["state"].params
+  if jax.process_count() > 1:    # shards live on other processes: gather them
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+  flat = peft.flatten(jax.device_get(params))
+  if jax.process_index() != 0:
+    return
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   np.savez(out, **{"param/" + k: np.asarray(v) for k, v in flat.items()},
            losses=np.asarray([r["loss"] for r in records if "loss" in r]),
            resumed_from=np.asarray(summary.get("resumed_from", -1)),
-           devices=np.asarray(jax.device_count()))
+           devices=np.asarray(jax.device_count()), processes=np.asarray(jax.process_count()))
 
 
 if __name__ == "__main__":

@@ -317,10 +317,14 @@ class Checkpointer:
 
   def _quarantine(self, steps):
     self.manager.close()
-    dest = os.path.join(self.workdir, "corrupt_checkpoints")
-    os.makedirs(dest, exist_ok=True)
-    for s in steps:
-      shutil.move(os.path.join(self.directory, str(s)), os.path.join(dest, f"{s}-{int(time.time())}"))
+    if jax.process_index() == 0:     # one process moves; the others wait for it (a shared workdir)
+      dest = os.path.join(self.workdir, "corrupt_checkpoints")
+      os.makedirs(dest, exist_ok=True)
+      for s in steps:
+        shutil.move(os.path.join(self.directory, str(s)), os.path.join(dest, f"{s}-{int(time.time())}"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils   # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("quarantine_checkpoints")
     self._open()
 
   def wait(self):

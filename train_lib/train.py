@@ -24,6 +24,7 @@ import optim
 import peft
 from train_lib import build
 from train_lib import checkpoint as ckpt_lib
+from train_lib import distributed
 from train_lib import evaluate as eval_lib
 from train_lib import metrics as metrics_lib
 from train_lib import sharding as shd
@@ -255,8 +256,10 @@ def _train(config, workdir: str) -> dict:
 
   # ---- data and checkpoint ----------------------------------------------------------------------------
   seq_len = int(config.seq_len)
+  # Each process reads and packs every batch but keeps only its rows (`distributed.global_batch`).
   train_ds = data_lib.get_dataset(config.data, "train", tokenizer=tokenizer, batch_size=config.batch_size,
-                                  seq_len=seq_len, seed=config.seed)
+                                  seq_len=seq_len, seed=config.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
   train_iter = iter(train_ds)
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 2),
                                async_save=config.get("async_checkpoints", True))
@@ -355,7 +358,7 @@ def _train(config, workdir: str) -> dict:
       tokens["real"] += int(np.count_nonzero(seg))
       tokens["all"] += int(np.size(seg))
     host_batch.update({k: np.float32(v) for k, v in carry.items()})
-    batch = eval_lib.put_batch(host_batch, mesh)
+    batch = distributed.global_batch(host_batch, functools.partial(shd.batch_sharding, mesh))
     for _, hook in run_hooks:      # measurements of the batch the step is about to use
       if hook.observe is not None and hook.every and step % hook.every == 0:
         writer.write(step, hook.observe(step, state, frozen, batch))
@@ -380,8 +383,9 @@ def _train(config, workdir: str) -> dict:
     res = run_eval(total_steps, "after")
     print(f"[after training]  " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), flush=True)
   writer.close()
-  plot = metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "loss_curve.png"))
-  summary.update(steps=total_steps, plot=plot)
+  plot = (metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.path), os.path.join(workdir, "loss_curve.png"))
+          if distributed.is_primary() else None)
+  summary.update(steps=total_steps, plot=plot, topology=distributed.describe(mesh))
   if health.warnings:
     summary["warnings"] = health.warnings
   if resumed_from is not None:
