@@ -8,14 +8,16 @@ Public surface:
   galore / fira / frugal / lift / lora_pro     projected and sparse optimizers (`scale_by_<m>` + `<m>`)
   hft                                          Half Fine-Tuning around any optimizer
   loraplus / lorafa                            LoRA+ (B's lr x ratio) and LoRA-FA (A frozen, B projected)
+  register_adapter_transform(method)           what an adapter needs from the optimizer (AdaLoRA's allocator)
   tempbalance / refresh_multipliers / schedule TempBalance / Model Balancing layerwise rates from HT-SR alpha
   layer_probs / draw / reset_slot_state        layer sampling (LISA, OwLore) over `peft`'s slot nodes
 
 Host work between steps (resampling, ESD refreshes, HFT stages) is registered with `hooks.register_hook`
 by the modules below; importing the package registers them.
 """
-from optim._registry import (OptimizerFactory, PROJECTED, default_config as optimizer_config, get_optimizer,
-                             optimizer_names, options, path_mask, register_optimizer)
+from optim._registry import (OptimizerFactory, PROJECTED, adapter_transform, default_config as optimizer_config,
+                             get_optimizer, optimizer_names, options, path_mask, register_adapter_transform,
+                             register_optimizer)
 from optim._factory import NO_DECAY, SCHEDULES, check_config, default_config, first_match_labels, from_config, make, make_schedule, resolve
 from optim._galore import ScaleByGaLoreState, galore, scale_by_galore
 from optim._fira import ScaleByFiraState, fira, scale_by_fira
@@ -32,3 +34,7 @@ from optim._sampling import (METHODS as SAMPLING_METHODS, SamplingConfig, draw, 
 from optim._hft import HFTState, hft, hft_selection
 from optim._loraplus import loraplus, loraplus_labels
 from optim._lorafa import ScaleByHfAdamState, lorafa, lorafa_gradients, scale_by_hf_adam, scale_by_lorafa
+from optim._adalora import (AdaLoraState, budget_of as adalora_budget, budget_table as adalora_budget_table,
+                            rank_allocator as adalora_rank_allocator)
+from optim._sora import SoraProximalState, reference_threshold, soft_threshold, sora_proximal
+from optim._increlora import IncreLoraState, grow as increlora_grow, score_emas as increlora_score_emas

@@ -197,6 +197,7 @@ def from_config(config, trainable) -> tuple[optax.GradientTransformation, optax.
   `config.tempbalance.enabled` (their values are refreshed between steps by its host hook)."""
   tx, schedule = make(config.optim, trainable, int(config.total_steps),
                       per_block=_sampling.per_block_optimizers(config, trainable))
+  tx = _registry.adapter_transform(config, trainable, tx)   # e.g. AdaLoRA's rank allocator
   tb = config.get("tempbalance")
   if tb is None or not _tempbalance.RunConfig.from_config(tb).enabled:
     return tx, schedule

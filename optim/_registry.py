@@ -45,6 +45,27 @@ def register_optimizer(name: str, *, options_from: Optional[Callable] = None):
   return deco
 
 
+# What an adapter method needs from the optimizer (AdaLoRA's rank allocator, SoRA's proximal gate step):
+# `fn(config, trainable, tx) -> tx` wraps the run's optimizer when `config.peft.method` is that method.
+_ADAPTER_TRANSFORMS: dict[str, Callable] = {}
+
+
+def register_adapter_transform(method: str):
+  def deco(fn):
+    if method in _ADAPTER_TRANSFORMS:
+      raise ValueError(f"adapter transform for {method!r} registered twice")
+    _ADAPTER_TRANSFORMS[method] = fn
+    return fn
+  return deco
+
+
+def adapter_transform(config, trainable, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` wrapped by the transform `config.peft.method` registered, if any."""
+  method = (config.get("peft") or {}).get("method")
+  fn = _ADAPTER_TRANSFORMS.get(method)
+  return tx if fn is None else fn(config, trainable, tx)
+
+
 def get_optimizer(name: str) -> OptimizerFactory:
   if name not in _OPTIMIZERS:
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(sorted(_OPTIMIZERS))}")

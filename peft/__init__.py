@@ -6,11 +6,12 @@ Public surface:
   split(params) / combine(t, f) trainable and frozen parts (None placeholders keep the structure)
   merge(params) / strip(params) fold adapters into plain weights / drop them (the reference model)
   register_adapter(name)        add an adapter (see peft/ADDING_AN_ADAPTER.md)
+  regularizer(params)           the adapters' loss terms (AdaLoRA's orthogonality, SoRA's gate L1); None if none
   export_adapter / import_adapter   HF PEFT adapter directories
   sample_layers / resample      the slot nodes of layer sampling (LISA, OwLore); the sampling is `optim`'s
 """
 from peft._core import (Adapter, combine, count, dot, flatten, has_adapters, is_adapter, map_with_path,
-                        merge, path_str, scan_bind, scan_split, split, strip)
+                        merge, path_str, regularizer, scan_bind, scan_split, split, strip)
 from peft._node import (AdapterSpec, adapter_names, adapter_node, get_adapter, input_dropout, register_adapter,
                         register_hf_format, static_field)
 from peft._targets import HF_MODULES, kernel_paths, match_targets, target_regex
@@ -28,5 +29,9 @@ from peft._loramoe import LoRAMoE
 from peft._flora import FLoRA
 from peft._compacter import Compacter
 from peft._mos import MoS
+from peft._adalora import AdaLoRA, adalora_options
+from peft._dylora import DyLoRA, dylora_at_rank
+from peft._sora import SoRA, sora_options, sora_prune
+from peft._increlora import RESERVE_E as increlora_reserve_e, IncreLoRA, increlora_options
 from peft._export import export_adapter, import_adapter
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks

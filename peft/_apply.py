@@ -99,11 +99,14 @@ def _prepare(params: Params, chosen: dict) -> dict:
 
 
 def with_dropout_rng(params: Params, rng: Optional[jax.Array]) -> Params:
-  """Gives every adapter node with dropout > 0 its own key for this step (per layer when stacked)."""
+  """Gives every adapter node with dropout > 0 its own key for this step (per layer when stacked), and
+  every node with a `with_step_rng(rng)` method the step key itself (DyLoRA draws its rank from it)."""
   if rng is None:
     return params
 
   def put(path, leaf):
+    if is_adapter(leaf) and hasattr(leaf, "with_step_rng"):   # a draw shared by all nodes (DyLoRA's rank)
+      leaf = leaf.with_step_rng(rng)
     if not is_adapter(leaf) or getattr(leaf, "dropout", 0.0) == 0.0 or not hasattr(leaf, "rng"):
       return leaf
     lead = leaf.lead_shape

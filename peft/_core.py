@@ -52,6 +52,14 @@ class Adapter:
     """The weight of the model without this adapter (the reference model's weight)."""
     return getattr(self, "base")
 
+  def regularizer(self) -> dict[str, tuple[jax.Array, float]] | None:
+    """Penalties this node adds to the training loss (AdaLoRA's orthogonality, SoRA's gate L1), or None.
+
+    {term: (total, count)}: `peft.regularizer` pools each term over all nodes as sum(total) / sum(count),
+    a mean over every matrix of the model as the references average (count 0: a plain sum). Weights
+    are applied inside `total`."""
+    return None
+
 
 def is_adapter(x) -> bool:
   return isinstance(x, Adapter)
@@ -102,6 +110,21 @@ def combine(trainable: Params, frozen: Params) -> Params:
 def merge(params: Params) -> Params:
   """Folds every adapter into a plain weight."""
   return jax.tree.map(lambda l: l.materialize() if is_adapter(l) else l, params, is_leaf=is_adapter)
+
+
+def regularizer(params: Params) -> jax.Array | None:
+  """The adapters' loss penalty: for each term of `Adapter.regularizer`, sum(total) / sum(count) over the
+  nodes (count 0 everywhere: the plain sum), added up over terms; None when no node has one, so runs
+  without such adapters trace nothing."""
+  pooled: dict[str, list] = {}
+  for leaf in jax.tree.leaves(params, is_leaf=is_adapter):
+    terms = leaf.regularizer() if is_adapter(leaf) else None
+    for name, (total, n) in (terms or {}).items():
+      acc = pooled.setdefault(name, [0.0, 0.0])
+      acc[0], acc[1] = acc[0] + total, acc[1] + n
+  if not pooled:
+    return None
+  return sum(t / (n if n else 1.0) for t, n in pooled.values())
 
 
 def strip(params: Params) -> Params:

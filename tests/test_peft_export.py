@@ -56,6 +56,8 @@ CASES = {
     "lora_bias": ("llama", ALL, spec(options={"lora_bias": True}), {}),   # PEFT merges it into the base biases
     "pissa_to_lora": ("llama", ALL, spec(init="pissa"), {"initial": True}),
     "olora_to_lora": ("llama", ("q_proj", "down_proj"), spec(init="olora", alpha=4), {"initial": True}),
+    "adalora": ("llama", ("q_proj", "v_proj", "down_proj"), spec("adalora", options={"init_r": 4, "total_step": 10}),
+                {}),
     "ia3": ("llama_linear", ("k_proj", "v_proj", "down_proj"), spec("ia3", options={"feedforward": "down_proj"}),
             {}),
 }

@@ -79,6 +79,9 @@ def loss_and_metrics(trainable, frozen, ref_params, batch, rng, loss_frozen=None
       reference = jax.lax.stop_gradient(model_outputs(model, ref, batch, needs))
   loss, metrics = loss_entry.fn(policy, reference, batch, loss_cfg)
   loss, metrics = losses.add_aux_losses(loss, metrics, sown, batch, loss_cfg)   # + aux_weights[name] * term
+  penalty = peft.regularizer(params)    # adapters' own loss terms (AdaLoRA's orthogonality); None: none
+  if penalty is not None:
+    loss, metrics = loss + penalty, {**metrics, "adapter_regularizer": penalty}
   metrics = {"loss": loss, **metrics}
   if loss_entry.kind in ("pairwise", "listwise") and policy["logps"].shape[1] > 1:
     metrics["ranking_accuracy"] = ranking_accuracy(policy["logps"], batch)
