@@ -76,6 +76,7 @@ def abstract_batch(config) -> dict:
   the recipe's data kind (the same pipeline as file data), at the recipe's batch size and sequence length."""
   dc = data_lib.default_config()
   dc.pref_kind = config.data.get("pref_kind")
+  dc.train_size, dc.eval_size = 8, 8     # one probe batch: no need for the task's 50_000 problems
   if dc.pref_kind == "listwise":
     dc.list_size = int(config.data.get("list_size", 4))
   tok = data_lib.get_tokenizer(dc)
@@ -232,20 +233,21 @@ def merge_dry_run(config, workdir: str | None = None, *, verbose: bool = True) -
   mcfg = models.preset(config.get("model_preset", "llama2_7b"), **dict(config.get("model_overrides", {}) or {}))
   base = jax.eval_shape(models.Decoder(mcfg).init, jax.random.PRNGKey(0))
   n = int(config.get("num_models", 2))
-  # The merge itself runs on a tiny model of the same layout (its driver reads dtypes and values on the
-  # host, so it does not trace): the method and its parameters work on every path of the tree.
-  tiny = models.Decoder(models.DecoderConfig.tiny())
-  t0 = tiny.init(jax.random.PRNGKey(0))
-  fts = [jax.tree.map(lambda x, i=i: x + 0.01 * jax.random.normal(jax.random.PRNGKey(i + 1), x.shape), t0)
-         for i in range(n)]
+  # The merge itself runs on a two-tensor tree of the model's layout (its driver reads dtypes and values on
+  # the host, so it does not trace): the method and its parameters resolve and merge.
+  rnd = lambda i, *shape: np.asarray(jax.random.normal(jax.random.PRNGKey(i), shape), np.float32)
+  t0 = {"embed": {"embedding": rnd(0, 16, 8)}, "layers": {"mlp": {"up_proj": {"kernel": rnd(1, 1, 8, 8)}}}}
+  fts = [jax.tree.map(lambda x, i=i: x + 0.01 * rnd(i + 2, *x.shape), t0) for i in range(n)]
   merged = merging.get(config.method)(t0, fts, **params)
   if jax.tree.structure(merged) != jax.tree.structure(t0):
     raise validate_lib.ConfigError(f"merge {config.method}: the merged tree's layout differs from its inputs'")
-  largest = max(math.prod(x.shape) for x in jax.tree.leaves(base))
+  # Streaming reads one tensor of each model at a time: a layer's slice of the stacked leaves (HF layout).
+  largest = max(math.prod(x.shape[1:]) if peft.path_str(p).startswith("layers") else math.prod(x.shape)
+                for p, x in jax.tree_util.tree_flatten_with_path(base)[0])
   report = {
       "recipe": (config.get("recipe") or {}).get("name", ""), "task": "merge", "method": config.method,
       "params": params, "num_models": n, "parameters": tree_count(base),
-      "checked_on": "DecoderConfig.tiny() (merge run on concrete random fine-tunes)",
+      "checked_on": "a two-tensor tree (embedding, stacked kernel) of random fine-tunes",
       "whole_tree_float32_bytes": (n + 2) * tree_count(base) * 4,
       "streaming_float32_bytes_per_tensor": (n + 2) * largest * 4,
   }

@@ -122,3 +122,19 @@ def commonsense_eval(c, root: str = "data/paper/commonsense"):
   c.eval.tasks = ",".join(f"mc:{root}/{name}.jsonl" for name in COMMONSENSE)
   c.eval.num_task_examples = 0
   return c
+
+
+# Every recipe of configs/paper/, as `file:arg` (what the dry-run test and benchmark run, `main.py --list`).
+RECIPES = (
+    "galore_c4:size=60m", "galore_c4:size=130m", "galore_c4:size=350m", "galore_c4:size=1b",
+    "galore_c4:size=7b", "fira_c4:size=60m", "fira_c4:size=1b", "frugal_c4:size=60m", "frugal_c4:size=1b",
+    "owlore:setting=commonsense", "owlore:setting=mmlu", "owlore:setting=gsm8k", "lisa", "tempbalance",
+    "dpo_ultrafeedback", "dpo_kernels", "lipo", "ties_merge",
+)
+
+
+def load(spec: str):
+  """The config of `file:arg` (a RECIPES entry)."""
+  import importlib   # pylint: disable=g-import-not-at-top
+  name, _, arg = spec.partition(":")
+  return importlib.import_module(f"configs.paper.{name}").get_config(arg or None)
