@@ -10,8 +10,8 @@ Pan et al., *LISA: Layerwise Importance Sampling for Memory-Efficient Large Lang
 `run_lisa.sh` uses 1 and 20, the paper's appendix lists gamma and K per model: not confirmed here, so this
 recipe follows the argparse defaults), the embeddings and head always trained, AdamW without weight
 decay, lr 5e-5 (unverified), batch 16 of 1024 tokens, 1 epoch, bf16 with full remat. MT-Bench needs a judge
-this codebase does not ship: the recipe evaluates the held-out loss and leaves MT-Bench to FastChat on the
-exported checkpoint (`configs/export.py`).
+this codebase does not ship: the recipe leaves it to FastChat on the exported checkpoint
+(`configs/export.py`).
 
 Data: Alpaca-GPT4 (`alpaca_gpt4_data.json`, 52,002 `{instruction, input, output}` records).
 """
@@ -31,6 +31,8 @@ def get_config(arg=None):
   c.eval_before = False
   c.eval.num_examples = 0
   _recipe.file_data(c, "data/paper/alpaca_gpt4/{split}.jsonl", fmt="alpaca")
+  c.eval_split = "train"                 # Alpaca-GPT4 has no held-out split; MT-Bench scores the export
+  c.eval.num_loss_batches = 0
   c.seq_len = 1024
   c.batch_size = 16
   n = _recipe.RECORDS["alpaca_gpt4"]
@@ -43,8 +45,8 @@ def get_config(arg=None):
   _recipe.gpu_mesh(c)
   return _recipe.card(
       c, name="lisa", paper="LISA (Pan et al., NeurIPS 2024)", table="Table 3", row="LLaMA-2-7B, LISA",
-      metric="MT-Bench", number="4.94 (unverified)", data_file="data/paper/alpaca_gpt4/{train,test}.jsonl",
+      metric="MT-Bench", number="4.94 (unverified)", data_file="data/paper/alpaca_gpt4/train.jsonl",
       record_format='{"instruction", "input", "output"} (alpaca)', train_records=n,
-      evaluation="held-out loss here; MT-Bench (FastChat, GPT-4 judge) on the exported model",
+      evaluation="MT-Bench (FastChat, GPT-4 judge) on the exported model (configs/export.py)",
       command="python main.py --config=configs/paper/lisa.py --config.model.hf_path=LLAMA2_7B --workdir=W",
       follows="LMFlow's argparse defaults (gamma 2, K 20) where the paper's appendix is not confirmed")
