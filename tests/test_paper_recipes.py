@@ -5,7 +5,8 @@ gamma 1), one subprocess for the file.
 
 Compiling a train step costs about 5-10 s of CPU here whatever the width, so the default run compiles one
 recipe per family of step (projected-optimizer pre-training, layer sampling with GaLore, pairwise DPO with a
-frozen reference) and builds the rest without compiling; `-m slow` compiles every recipe.
+frozen reference) and builds the rest without compiling; COMPILE_ALL_RECIPES=1 compiles every recipe (about
+2 min of CPU more, outside the suite's budget).
 """
 import json
 import os
@@ -130,6 +131,7 @@ def test_dry_run_every_recipe(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("COMPILE_ALL_RECIPES"), reason="about 2 min of CPU: COMPILE_ALL_RECIPES=1")
 def test_dry_run_compiles_every_recipe(tmp_path):
   rest = [s for s in TRAIN_RECIPES if s not in COMPILED]
   res = _run(rest, rest, tmp_path)
