@@ -60,6 +60,10 @@ def list_configs() -> str:
     lines.append(f"  configs/{name:<16} {first}")
     if presets:
       lines.append("      presets: " + ", ".join(f"{k}={v!r}" for k, v in presets.items()))
+  lines += ["", "paper recipes (configs/paper/, README \"Paper recipes\"; --config.dry_run=True compiles without weights):"]
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "paper", "[!_]*.py"))):
+    doc = ast.get_docstring(ast.parse(open(path).read())) or ""
+    lines.append(f"  configs/paper/{os.path.basename(path):<22} {doc.strip().splitlines()[0] if doc.strip() else ''}")
   lines += ["", "Every field can be overridden: --config.optim.learning_rate=1e-3; --helpfull lists the absl "
             "flags; the README documents the options."]
   return "\n".join(lines)

@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "train"                        # train | eval | diagnose | export | sweep | merge
   c.seed = 0
+  c.dry_run = False                       # validate, build shapes, compile the step, report (train_lib/dry_run.py)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "small"                  # a models.PRESETS name (ignored when hf_path is set)

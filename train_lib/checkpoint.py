@@ -34,7 +34,7 @@ LOCK_FILE = "lock"
 SAFE_ON_RESUME = ("total_steps", "eval_every_steps", "eval_before", "log_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "async_checkpoints", "entanglement_every_steps", "stuck_loss_window",
                   "resume_policy", "eval.", "mesh.", "model.remat", "model.attention_impl",
-                  "model.logits_chunk")
+                  "model.logits_chunk", "dry_run")
 
 
 class WorkdirError(UserError):

@@ -38,6 +38,9 @@ def register_task(name: str):
 
 def run_task(config, workdir: str):
   name = config.get("task", "train")
+  if config.get("dry_run"):     # shapes, compile, memory and FLOPs only (train_lib/dry_run.py)
+    from train_lib import dry_run as dry_run_lib   # pylint: disable=g-import-not-at-top
+    return dry_run_lib.dry_run(config, workdir)
   if name not in TASKS:
     raise ValueError(f"config.task={name!r}; valid: {', '.join(sorted(TASKS))}")
   return TASKS[name](config, workdir)

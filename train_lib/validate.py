@@ -82,14 +82,16 @@ def check_data(config) -> None:
       raise ConfigError(f"config.data ({split} split): {e}") from None
 
 
-def validate(config, num_devices: int | None = None) -> None:
+def validate(config, num_devices: int | None = None, check_files: bool = True) -> None:
+  """check_files=False: the data files need not exist yet (a dry run)."""
   _check(config.get("task", "train") in TASKS, f"config.task={config.get('task')!r}; valid: {TASKS}")
   if config.get("task", "train") != "train":
     return
   check_numbers(config)
   _check(config.get("resume_policy", "strict") in RESUME_POLICIES,
          f"config.resume_policy={config.get('resume_policy')!r}; valid: {', '.join(RESUME_POLICIES)}")
-  check_data(config)
+  if check_files:
+    check_data(config)
   mc = config.model
   if not mc.get("hf_path") and not mc.get("init_workdir"):
     _check(mc.name in models.PRESETS, f"config.model.name={mc.name!r}; valid: {', '.join(models.PRESETS)}")
