@@ -12,6 +12,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # steps: a persistent compilation cache shared by the xdist workers compiles each once per suite run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, "tests", ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The tests' models are tiny: compiling dominates their time and running them does not. LLVM without
+# optimisation halves the CPU time of compilation (XLA's own HLO passes still run, so the numerics are the
+# same computations). Subprocesses inherit it; `devices_flags` adds a device count to it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import pytest  # noqa: E402
 

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests import train_runner
+
 import data
 import models
 import train_lib
@@ -43,7 +45,7 @@ def readme_run(tmp_path_factory):
     script, n = re.subn(rf"^{name}=\S+", f"{name}={value}", script, flags=re.M)
     assert n == 1, f"the README example sets {name} once"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = train_runner.devices_flags(1)
   r = subprocess.run(["bash", "-e", "-c", script], cwd=str(ROOT), env=env, capture_output=True, text=True,
                      timeout=900)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

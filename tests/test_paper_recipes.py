@@ -17,6 +17,8 @@ import textwrap
 import jax
 import pytest
 
+from tests import train_runner
+
 import models
 from configs.paper import _recipe
 from train_lib import dry_run
@@ -84,7 +86,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _run(specs, compiled, tmp):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": train_runner.devices_flags(8), "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": ROOT}
   p = subprocess.run([sys.executable, "-c", _SCRIPT, ";".join(specs), ";".join(compiled), str(tmp)], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=900)

@@ -36,9 +36,14 @@ def apply_overrides(config, overrides: dict):
   return config
 
 
+def devices_flags(devices: int) -> str:
+  """XLA_FLAGS of this process (the tests' compile settings) with `devices` simulated CPU devices."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def env(devices: int = 1) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=devices_flags(devices))
 
 
 def run(spec: str, workdir, out, overrides: dict, devices: int = 1) -> dict:
