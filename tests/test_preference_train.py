@@ -33,10 +33,11 @@ def test_loss_kind_must_match_the_data(loss, kind):
 def test_kernel_divergence_selection_scores_every_pair_and_picks_the_best(tmp_path):
   from configs import dpo_kernels
   config = dpo_kernels.get_config("model=tiny,smoke,select")
-  config.sweep.grid = (("loss.kernel", ("rbf", "polynomial")), ("loss.divergence", ("kl", "js")))
+  # Two cells (each a short training run): enough to show that every pair is scored and the best is picked.
+  config.sweep.grid = (("loss.kernel", ("rbf", "polynomial")), ("loss.divergence", ("kl",)))
   config.eval.num_examples = 0
   table, best = train_lib.run_task(config, str(tmp_path))
-  assert {(k, d) for k, d, _ in table} == {("rbf", "kl"), ("rbf", "js"), ("polynomial", "kl"), ("polynomial", "js")}
+  assert {(k, d) for k, d, _ in table} == {("rbf", "kl"), ("polynomial", "kl")}
   scores = [s for _, _, s in table]
   assert scores == sorted(scores, reverse=True) and best == table[0][:2]
   assert "rbf" in open(os.path.join(tmp_path, "selection.md")).read()
