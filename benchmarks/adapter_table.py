@@ -99,6 +99,7 @@ def step_cost(cfg, state, frozen, n_steps: int) -> tuple[float, dict]:
 def main():
   a = transfer_args("adapters.md", base_steps=400, steps=200)
   t0 = time.time()
+  reused = os.path.exists(os.path.join(a.workdir, "base", "summary.json"))
   base = train_base(a.workdir, a.model, a.base_steps)
   only = set(filter(None, os.environ.get("ONLY", "").split(",")))
   rows = []
@@ -151,7 +152,11 @@ def main():
     lines.append(f"| {name} | | not run: {why} | | | | | |")
   lines += ["", f"Command: `python benchmarks/adapter_table.py --workdir=WORKDIR --model={a.model} "
             f"--base_steps={a.base_steps} --steps={a.steps}` "
-            f"({jax.default_backend()}, jax {jax.__version__}, {time.time() - t0:.0f} s in all)."]
+            f"({jax.default_backend()}, jax {jax.__version__}, {time.time() - t0:.0f} s in all"
+            + ("; the base was reused from an earlier run in WORKDIR/base and is not counted" if reused else "")
+            + ").", "",
+            "One seed and one learning rate per method, not tuned for this task: a low \"after\" at this short "
+            "budget says the method learns the task more slowly at that rate, not that it cannot learn it."]
   if not only:
     with open(a.out, "w") as f:
       f.write("\n".join(lines) + "\n")
