@@ -64,9 +64,12 @@ def global_batch(local: dict, sharding_for) -> dict:
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
-    s = sharding_for(v.ndim)
-    out[k] = (jax.device_put(v, s) if v.ndim == 0 or jax.process_count() == 1
-              else jax.make_array_from_process_local_data(s, v))
+    if v.ndim == 0:
+      out[k] = jax.device_put(v, NamedSharding(sharding_for(1).mesh, PartitionSpec()))
+    elif jax.process_count() == 1:
+      out[k] = jax.device_put(v, sharding_for(v.ndim))
+    else:
+      out[k] = jax.make_array_from_process_local_data(sharding_for(v.ndim), v)
   return out
 
 
