@@ -53,6 +53,10 @@ RUNS = (
     ("MoS r16", "adapter=mos", 3e-3, {}, "as LoRA"),
     ("LoRAMoE (8 experts r4, FFN)", "adapter=loramoe,rank=4,alpha=32", 3e-3,
      {"peft.targets": "gate_proj,up_proj,down_proj"}, "as LoRA"),
+    ("AdaLoRA (init_r 12 -> target_r 8)", "adapter=adalora", 3e-3, {}, "as LoRA"),
+    ("DyLoRA r16 (rank drawn per step)", "adapter=dylora", 3e-3, {}, "as LoRA"),
+    ("SoRA r16 (gated)", "adapter=sora", 3e-3, {}, "as LoRA"),
+    ("IncreLoRA (grows to target_r 8)", "adapter=increlora", 3e-3, {}, "as LoRA"),
 )
 TIME_STEPS = 20
 SKIPPED = (("bone", "MiSS default mode under Bone's former name: the MiSS (default) row"),)
