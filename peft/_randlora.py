@@ -188,7 +188,7 @@ def _cached_basis(seed, rank, n_min, n_max):
   """One pair of arrays per (seed, size) for all the nodes of an apply: they share it rather than each holding
   a copy. Only concrete arrays are kept (an apply under jit or eval_shape draws afresh)."""
   key = (seed, rank, n_min, n_max)
-  if key in _DRAWN:
+  if key in _DRAWN and not any(t.is_deleted() for t in _DRAWN[key]):   # a donated step may have freed it
     return _DRAWN[key]
   basis = randlora_basis(seed, rank, n_min, n_max)
   if not any(isinstance(t, jax.core.Tracer) for t in basis):
@@ -203,7 +203,7 @@ _IMPORTED: dict = {}
 def _shared_basis(full_a, full_b):
   """The file's basis as one pair of arrays for every module of one import (keyed by the file's bytes)."""
   key = (full_a.tobytes(), full_b.tobytes())
-  if key not in _IMPORTED:
+  if key not in _IMPORTED or any(t.is_deleted() for t in _IMPORTED[key]):
     _IMPORTED.clear()
     _IMPORTED[key] = (jnp.asarray(full_a[:, 0], jnp.float32), jnp.asarray(full_b, jnp.float32))
   return _IMPORTED[key]
