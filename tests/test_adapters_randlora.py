@@ -119,6 +119,10 @@ def test_identity_at_init(tiny):
   base = logits(model, params)
   adapted = peft.apply(params, {"all-linear": peft.AdapterSpec("randlora", rank=4, alpha=640.0)})
   assert rel_err(logits(model, adapted), base) <= 1e-6
+  # PEFT's init (`reset_randlora_parameters`): lambda = 0, gamma = 1 / max(gamma.shape) = 1 / max(N, min).
+  for node in (adapted["layers"]["attn"]["q_proj"]["kernel"], adapted["layers"]["mlp"]["down_proj"]["kernel"]):
+    assert not np.any(np.asarray(node.lam))
+    np.testing.assert_array_equal(np.asarray(node.gamma), np.float32(1.0 / max(node.gamma.shape[-2:])))
   assert rel_err(logits(model, perturbed(adapted, 0)), base) > 1e-3
 
 
