@@ -22,6 +22,7 @@ from peft._lora import LoRA
 from peft._dora import DoRA
 from peft._ia3 import IA3
 from peft._vera import VeRA, vera_basis
+from peft._randlora import RandLoRA, randlora_basis
 from peft._hra import HRA
 from peft._miss import MiSS
 from peft._nola import NOLA, nola_bases
