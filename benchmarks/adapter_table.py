@@ -57,6 +57,7 @@ RUNS = (
     ("DyLoRA r16 (rank drawn per step)", "adapter=dylora", 3e-3, {}, "as LoRA"),
     ("SoRA r16 (gated)", "adapter=sora", 3e-3, {}, "as LoRA"),
     ("IncreLoRA (grows to target_r 8)", "adapter=increlora", 3e-3, {}, "as LoRA"),
+    ("RandLoRA r16", "adapter=randlora", 3e-3, {}, "as LoRA"),
 )
 TIME_STEPS = 20
 SKIPPED = (("bone", "MiSS default mode under Bone's former name: the MiSS (default) row"),)
