@@ -88,7 +88,7 @@ def default(w, rank, scale, rng):
 @register_init("lora_ga")
 def data_driven(w, rank, scale, rng):
   """Placeholder of the data-driven inits (peft/_eva.py, peft/_loraga.py): the default factors, which the
-  trainer's `data_init` host hook replaces from calibration batches before the first step."""
+  trainer's `data_init` host hook (train_lib/data_init.py) replaces from calibration batches before the first step."""
   return default(w, rank, scale, rng)
 
 

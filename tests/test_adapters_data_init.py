@@ -137,3 +137,22 @@ def test_lora_ga_output_unchanged(tiny_model):
   assert float(jnp.abs(q.b).max()) > 0
   base = model.apply(params, tokens[0])
   np.testing.assert_allclose(np.asarray(model.apply(out, tokens[0])), np.asarray(base), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["eva", "lora_ga"])
+def test_trainer_runs_data_init(tmp_path, init):
+  """`--config.peft.init=eva|lora_ga` through the trainer (a smoke run of two steps): the data_init hook runs
+  before step 0 and the run trains; LoRA-GA's residual base is the frozen tree the run ends with."""
+  import train_lib  # pylint: disable=g-import-not-at-top
+  from configs import lora  # pylint: disable=g-import-not-at-top
+  c = lora.get_config("model=tiny,smoke")
+  c.peft.init, c.peft.data_init.batches = init, 2
+  c.eval_before, c.eval.num_examples, c.total_steps = False, 0, 2
+  summary = train_lib.train_and_evaluate(c, str(tmp_path))
+  frozen = summary["frozen"]["layers"]["attn"]["q_proj"]["kernel"]
+  assert np.all(np.isfinite(np.asarray(summary["state"].params["layers"]["attn"]["q_proj"]["kernel"].a)))
+  if init == "lora_ga":
+    import data  # pylint: disable=g-import-not-at-top
+    _, base = train_lib.build.build_model(c, data.get_tokenizer(c.data))
+    assert not np.allclose(np.asarray(frozen.base), np.asarray(base["layers"]["attn"]["q_proj"]["kernel"]))

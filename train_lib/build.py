@@ -29,7 +29,6 @@ import merging
 import peft
 from train_lib import checkpoint as ckpt_lib
 from train_lib import sharding as shd
-from train_lib import data_init  # noqa: F401  (registers the data-driven adapter initialisations)
 
 CONFIG_FILE = "config.json"
 LOSS_PARAMS = "loss_params"    # the top-level key of the parameters a loss trains

@@ -22,8 +22,9 @@ from absl import logging
 import data as data_lib
 import hooks
 import losses
-from peft import _eva, _loraga
+import peft
 from train_lib import evaluate as eval_lib
+from train_lib import train
 
 DATA_INITS = ("eva", "lora_ga")
 
@@ -60,20 +61,19 @@ def data_init(config, model) -> hooks.HostHook:
       mask = (seg != 0) & (_flat(b, "loss_mask") > 0) if "loss_mask" in b else seg != 0
       batches.append({"inputs": _flat(b, "inputs"), "segment_ids": seg, "eva_mask": mask})
     forward = lambda p, b: model.apply(p, b["inputs"], segment_ids=b["segment_ids"], head=False)
-    params, ranks = _eva.eva_init(params, forward, batches, rho=float(opts.get("eva_rho", 2.0)),
+    params, ranks = peft.eva_init(params, forward, batches, rho=float(opts.get("eva_rho", 2.0)),
                                   tau=float(opts.get("eva_tau", 0.99)), whiten=bool(opts.get("eva_whiten", False)))
     logging.info("EVA ranks: %s", {f"{p}[{i}]": r for (p, i), r in ranks.items()})
     return params
 
   def lora_ga(params, rng):
     del rng
-    from train_lib import train    # the run's loss (train imports build, which imports this module)
     entry = losses.get(config.loss.name)
     def loss_fn(p, batch):
       frozen = jax.tree.map(lambda _: None, p)
       return train.loss_and_metrics(p, frozen, None, batch, None, model=model, loss_entry=entry,
                                     loss_cfg=config.loss)[0]
-    return _loraga.lora_ga_init(params, loss_fn, calibration_batches(config, n),
+    return peft.lora_ga_init(params, loss_fn, calibration_batches(config, n),
                                 gamma=float(opts.get("lora_ga_gamma", 16.0)))
 
   return hooks.HostHook(init_params=eva if name == "eva" else lora_ga, mutates_frozen=name == "lora_ga")
