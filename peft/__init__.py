@@ -35,4 +35,6 @@ from peft._dylora import DyLoRA, dylora_at_rank
 from peft._sora import SoRA, sora_options, sora_prune
 from peft._increlora import RESERVE_E as increlora_reserve_e, IncreLoRA, increlora_options
 from peft._export import export_adapter, import_adapter
+from peft._eva import eva_init
+from peft._loraga import lora_ga_init
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks

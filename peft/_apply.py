@@ -155,7 +155,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.use_rslora = spec.use_rslora       # s = alpha / sqrt(r) (rsLoRA)
   c.dropout = spec.dropout             # dropout on the adapter path's input (needs with_dropout_rng per step)
   c.init = spec.init                   # default (Kaiming-uniform A, B = 0) | gaussian | pissa |
-                                       # pissa_niter_<k> (randomised SVD, k iterations) | olora
+                                       # pissa_niter_<k> (randomised SVD, k iterations) | olora | eva | lora_ga
+  # init = eva | lora_ga: the calibration that the trainer's `data_init` host hook runs before step 0
+  c.data_init = ml_collections.ConfigDict(dict(batches=8, eva_rho=2.0, eva_tau=0.99, eva_whiten=False,
+                                               lora_ga_gamma=16.0))
   c.dtype = spec.dtype                 # of the trainable adapter parts
   c.quantize = ml_collections.config_dict.placeholder(str)  # None | nf4 | int8: storage of the frozen base
   c.quant_block_size = 64              # values per absmax scale
