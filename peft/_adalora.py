@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft._core import Adapter, dot
+from peft._lora import LowRankShape
 from peft._node import (AdapterSpec, adapter_node, input_dropout, register_adapter, register_hf_format,
                          static_field)
 from peft._quant import float_weight
@@ -60,7 +61,7 @@ def orthogonality(a: jax.Array, b: jax.Array) -> tuple[jax.Array, int]:
 
 @register_hf_format
 @adapter_node
-class AdaLoRA(Adapter):
+class AdaLoRA(LowRankShape, Adapter):
   base: Any                         # [..., in, out] kernel or QuantizedWeight
   a: jax.Array                      # [..., in, r]  Q^T, right singular vectors
   e: jax.Array                      # [..., r]      Λ, singular values (pruned entries are zero)
@@ -73,14 +74,6 @@ class AdaLoRA(Adapter):
   trainable_fields = ("a", "e", "b")
   hf_peft_type = "ADALORA"
   hf_tensor_names = ("lora_A", "lora_E", "lora_B")
-
-  @property
-  def lead_shape(self) -> tuple[int, ...]:
-    return self.a.shape[:-2]
-
-  @property
-  def rank(self) -> int:
-    return self.a.shape[-1]
 
   def dot(self, x):
     xd = input_dropout(x, self.dropout, self.rng)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from peft._core import Adapter, dot, is_adapter
 from peft._init import init_factors
+from peft._lora import LowRankShape
 from peft._node import AdapterSpec, adapter_node, input_dropout, register_adapter, static_field
 from peft._quant import float_weight
 
@@ -51,7 +52,7 @@ def truncated(a: jax.Array, b: jax.Array, rank, frozen: bool) -> tuple[jax.Array
 
 
 @adapter_node
-class DyLoRA(Adapter):
+class DyLoRA(LowRankShape, Adapter):
   base: Any                            # [..., in, out] kernel or QuantizedWeight
   a: jax.Array                         # [..., in, r_max]
   b: jax.Array                         # [..., r_max, out]
@@ -64,14 +65,6 @@ class DyLoRA(Adapter):
   eval_rank: int = static_field(default=0)      # 0: r_max
 
   trainable_fields = ("a", "b")
-
-  @property
-  def lead_shape(self) -> tuple[int, ...]:
-    return self.a.shape[:-2]
-
-  @property
-  def rank(self) -> int:
-    return self.a.shape[-1]
 
   def with_step_rng(self, rng) -> "DyLoRA":
     """The same rank for every node of the model this step: b ~ U{r_min..r_max} from the step key."""

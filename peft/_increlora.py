@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft._core import Adapter, dot
+from peft._lora import LowRankShape
 from peft._node import AdapterSpec, adapter_node, input_dropout, register_adapter, static_field
 from peft._quant import float_weight
 
@@ -78,7 +79,7 @@ probed.defvjp(_probed_fwd, _probed_bwd)
 
 
 @adapter_node
-class IncreLoRA(Adapter):
+class IncreLoRA(LowRankShape, Adapter):
   base: Any                         # [..., in, out] kernel or QuantizedWeight
   a: jax.Array                      # [..., in, R]  Q^T
   e: jax.Array                      # [..., R]      singular values
@@ -92,14 +93,6 @@ class IncreLoRA(Adapter):
   orth_reg_weight: float = static_field(default=0.1)
 
   trainable_fields = ("a", "e", "b", "probe")
-
-  @property
-  def lead_shape(self) -> tuple[int, ...]:
-    return self.a.shape[:-2]
-
-  @property
-  def rank(self) -> int:
-    return self.a.shape[-1]
 
   def singular_values(self) -> jax.Array:
     return self.e * self.used + RESERVE_E * self.reserve

@@ -45,8 +45,8 @@ def _pattern_value(pattern: dict, module: str, default):
   return default
 
 
-class LowRankFactors:
-  """What the nodes holding `a [..., in, r]`, `b [..., r, out]` and a static `scale` share (LoRA, DoRA)."""
+class LowRankShape:
+  """What every node holding a down-projection `a [..., in, r]` shares: its leading (layer) axes and rank."""
 
   @property
   def lead_shape(self) -> tuple[int, ...]:
@@ -55,6 +55,10 @@ class LowRankFactors:
   @property
   def rank(self) -> int:
     return self.a.shape[-1]
+
+
+class LowRankFactors(LowRankShape):
+  """What the nodes holding `a [..., in, r]`, `b [..., r, out]` and a static `scale` share (LoRA, DoRA)."""
 
   def delta(self, dtype=jnp.float32) -> jax.Array:
     """s A B [..., in, out]."""

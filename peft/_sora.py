@@ -24,7 +24,7 @@ import numpy as np
 
 from peft._core import Adapter, dot, is_adapter
 from peft._init import init_factors
-from peft._lora import LoRA
+from peft._lora import LoRA, LowRankShape
 from peft._node import AdapterSpec, adapter_node, input_dropout, register_adapter, static_field
 from peft._quant import float_weight
 
@@ -41,7 +41,7 @@ def sora_options(given) -> dict:
 
 
 @adapter_node
-class SoRA(Adapter):
+class SoRA(LowRankShape, Adapter):
   base: Any                         # [..., in, out] kernel or QuantizedWeight
   a: jax.Array                      # [..., in, r]
   b: jax.Array                      # [..., r, out]
@@ -52,14 +52,6 @@ class SoRA(Adapter):
   sparse_lambda: float = static_field(default=1e-3)   # weight of the gates' mean L1 in the loss
 
   trainable_fields = ("a", "b", "g")
-
-  @property
-  def lead_shape(self) -> tuple[int, ...]:
-    return self.a.shape[:-2]
-
-  @property
-  def rank(self) -> int:
-    return self.a.shape[-1]
 
   def dot(self, x):
     xd = input_dropout(x, self.dropout, self.rng)
