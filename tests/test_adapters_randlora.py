@@ -64,7 +64,7 @@ def reference(tmp_path_factory, tiny):
     arrays.update({f"{name}__b{i}": b for i, b in enumerate(bs)})
     arrays.update({f"{name}__t__{t}": v for t, v in peft_tensors(small, len(ws)).items()})
     arrays[f"{name}__x"] = x
-    cases.append({"name": name, "config": config, "dims": list(dims)})
+    cases.append({"name": name, "peft_type": "RANDLORA", "config": config, "dims": list(dims)})
   targets, spec = EXPORT
   exported = perturbed(peft.apply(params, {targets: spec}, jax.random.PRNGKey(10)), 10)
   peft.export_adapter(str(root / "export"), exported, spec, "llama")

@@ -53,12 +53,17 @@ def layer_case(case, arrays):
   with torch.no_grad():
     for key, t in list(model.state_dict(keep_vars=True).items()):
       short = key.replace("base_model.model.", "").replace("base_model.", "").replace(".default", "")
-      short = re.sub(r"^l\d+\.(vera_[AB])$", r"\1", short)     # every layer's view of the shared basis
+      short = re.sub(r"^l\d+\.((?:vera|randlora)_[AB])$", r"\1", short)   # each layer's view of the shared basis
       if "base_layer" in short:
         continue
       if short not in given:
         raise SystemExit(f"{name}: no value given for {key} ({short}); given {sorted(given)}")
-      t.copy_(torch.as_tensor(given[short]))
+      value = torch.as_tensor(given[short])
+      if value.shape != t.shape:
+        raise SystemExit(f"{name}: {key} is {tuple(t.shape)} in PEFT, given {tuple(value.shape)}")
+      t.copy_(value)
+      if not torch.equal(t.float(), value):     # e.g. RandLoRA's bfloat16 basis buffers
+        raise SystemExit(f"{name}: {key} ({t.dtype}) cannot hold the given values exactly")
       seen.add(short)
   if seen != set(given):
     raise SystemExit(f"{name}: values given for tensors PEFT does not have: {sorted(set(given) - seen)}")
