@@ -26,8 +26,8 @@ import numpy as np
 
 from peft._core import Adapter, dot
 from peft._lora import LowRankShape
-from peft._node import (AdapterSpec, adapter_node, input_dropout, register_adapter, register_hf_format,
-                         static_field)
+from peft._node import (AdapterSpec, adapter_node, input_dropout, options_with_defaults, register_adapter,
+                        register_hf_format, static_field)
 from peft._quant import float_weight
 
 # PEFT's AdaLoraConfig defaults (tuners/adalora/config.py); config.peft.options overrides them.
@@ -37,11 +37,7 @@ DEFAULTS = dict(init_r=12, target_r=8, tinit=0, tfinal=0, deltaT=1, beta1=0.85, 
 
 def adalora_options(given) -> dict:
   """`config.peft.options` of an AdaLoRA run over PEFT's defaults; an unknown key raises."""
-  given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"adalora: unknown option(s) {unknown}; valid: {', '.join(DEFAULTS)}")
-  return {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+  return options_with_defaults("adalora", DEFAULTS, given)
 
 
 def options(spec: AdapterSpec) -> dict:

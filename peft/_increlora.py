@@ -33,7 +33,8 @@ import numpy as np
 
 from peft._core import Adapter, dot
 from peft._lora import LowRankShape
-from peft._node import AdapterSpec, adapter_node, input_dropout, register_adapter, static_field
+from peft._node import (AdapterSpec, adapter_node, input_dropout, options_with_defaults, register_adapter,
+                        static_field)
 from peft._quant import float_weight
 
 # The reference README's example (init_r = lora_r 1, target 2, top_h 2, warmup / interval 1000); add_r is
@@ -44,11 +45,7 @@ RESERVE_E = 1e-5
 
 
 def increlora_options(given) -> dict:
-  given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
-  unknown = sorted(set(given) - set(INCRELORA_OPTIONS))
-  if unknown:
-    raise ValueError(f"increlora: unknown option(s) {unknown}; valid: {', '.join(INCRELORA_OPTIONS)}")
-  o = {**INCRELORA_OPTIONS, **{k: v for k, v in given.items() if v is not None}}
+  o = options_with_defaults("increlora", INCRELORA_OPTIONS, given)
   if o["add_r"] is None:
     o["add_r"] = {2: 1, 4: 2, 6: 3, 8: 4}.get(int(o["target_r"]), max(int(o["target_r"]) // 2, 1))
   if o["max_r"] is None:

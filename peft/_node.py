@@ -43,6 +43,15 @@ def adapter_node(cls):
   return cls
 
 
+def options_with_defaults(method: str, defaults: dict, given) -> dict:
+  """`config.peft.options` of a method over its defaults (None keeps the default); an unknown key raises."""
+  given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"{method}: unknown option(s) {unknown}; valid: {', '.join(defaults)}")
+  return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
+
 def input_dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
   """Inverted dropout of the adapter path's input; identity without a key (eval) or at rate 0."""
   if rng is None or rate == 0.0:

@@ -25,7 +25,8 @@ import numpy as np
 from peft._core import Adapter, dot, is_adapter
 from peft._init import init_factors
 from peft._lora import LoRA, LowRankShape
-from peft._node import AdapterSpec, adapter_node, input_dropout, register_adapter, static_field
+from peft._node import (AdapterSpec, adapter_node, input_dropout, options_with_defaults, register_adapter,
+                        static_field)
 from peft._quant import float_weight
 
 SORA_OPTIONS = dict(sparse_lambda=1e-3, sparse_lambda_2=1e-3, reference_threshold=False)
@@ -33,11 +34,7 @@ SORA_OPTIONS = dict(sparse_lambda=1e-3, sparse_lambda_2=1e-3, reference_threshol
 
 def sora_options(given) -> dict:
   """`config.peft.options` of a SoRA run over the defaults; an unknown key raises."""
-  given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
-  unknown = sorted(set(given) - set(SORA_OPTIONS))
-  if unknown:
-    raise ValueError(f"sora: unknown option(s) {unknown}; valid: {', '.join(SORA_OPTIONS)}")
-  return {**SORA_OPTIONS, **{k: v for k, v in given.items() if v is not None}}
+  return options_with_defaults("sora", SORA_OPTIONS, given)
 
 
 @adapter_node
