@@ -40,4 +40,6 @@ from peft._increlora import RESERVE_E as increlora_reserve_e, IncreLoRA, increlo
 from peft._export import export_adapter, import_adapter
 from peft._eva import eva_init
 from peft._loraga import lora_ga_init
+from peft._corda import corda_init
+from peft._loftq import loftq_init
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks

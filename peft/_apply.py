@@ -36,7 +36,7 @@ import ml_collections
 
 from peft import _init
 from peft._core import is_adapter, map_with_path
-from peft._data_init import data_init_defaults
+from peft._data_init import data_init_defaults, get_data_init, is_data_init
 from peft._lora import LoRA
 from peft._node import AdapterSpec, get_adapter, adapter_names
 from peft._quant import KINDS, QuantizedWeight, float_weight, like_base, quantize_params
@@ -210,6 +210,9 @@ def apply_config(params: Params, cfg, rng: Optional[jax.Array] = None) -> Params
     qt = cfg.get("quantize_targets", "all-linear")
     qt = as_targets(qt) if isinstance(qt, str) else tuple(qt)
     rxs = [re.compile(target_regex(t)) for t in qt]
-    params = quantize_params(params, lambda p: any(rx.fullmatch(p) for rx in rxs), cfg.quantize,
-                             int(cfg.get("quant_block_size", 64)))
+    own = ()   # an init that quantises its targets from the float weight (LoftQ) gets them unquantised
+    if is_data_init(cfg.get("init")) and get_data_init(cfg.init).quantizes_base:
+      own = set(match_targets(params, {targets: spec_from_config(cfg)}))
+    params = quantize_params(params, lambda p: p not in own and any(rx.fullmatch(p) for rx in rxs),
+                             cfg.quantize, int(cfg.get("quant_block_size", 64)))
   return apply(params, {targets: spec_from_config(cfg)}, rng)

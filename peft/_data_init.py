@@ -10,8 +10,9 @@ the trainable/frozen split. The function's options live in `config.peft.data_ini
 `defaults` (their one home); name them with the method's prefix, since all inits share that section.
 `mutates_base=True` declares that the init rewrites frozen weights (a residual base, a quantised base): the
 trainer then checkpoints the frozen tree. An init that needs something else from the model adds it to
-`Calibration` (one field, filled by the hook).
-"""
+`Calibration` (one field, filled by the hook). `quantizes_base=True` (LoftQ) declares that the init quantises
+its targets' bases itself from the float weight: `apply_config` then leaves them out of `config.peft.quantize`,
+and an export cannot convert the adapter back onto the original base (`initial=`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,16 +38,18 @@ class DataInit:
   fn: Callable[[Any, Calibration, dict], Any]
   defaults: dict
   mutates_base: bool
+  quantizes_base: bool = False
 
 
 _DATA_INITS: dict[str, DataInit] = {}
 
 
-def register_data_init(name: str, *, defaults: dict | None = None, mutates_base: bool = False):
+def register_data_init(name: str, *, defaults: dict | None = None, mutates_base: bool = False,
+                       quantizes_base: bool = False):
   def deco(fn):
     if name in _DATA_INITS:
       raise ValueError(f"data-driven init {name!r} registered twice")
-    _DATA_INITS[name] = DataInit(fn, dict(defaults or {}), mutates_base)
+    _DATA_INITS[name] = DataInit(fn, dict(defaults or {}), mutates_base or quantizes_base, quantizes_base)
     _init.register_init(name)(_init.data_driven)  # so `config.peft.init=name` applies before calibration
     return fn
   return deco

@@ -37,12 +37,15 @@ _PARTS = ("s1:", "s2:", "n:")
 
 @adapter_node
 class InputStats(Adapter):
-  """Stands in for a kernel while calibrating: y = x W, and sows (sum m x, sum m x x^T, sum m) of its input."""
+  """Stands in for a kernel while calibrating: y = x W, and sows (sum m x, sum m x x^T, sum m) of its input.
+  m is the token mask, or `weigh(x, mask)` [..., T] when given (CorDA's per-sequence normalisation)."""
   base: Any
   path: str = static_field(default="")
+  weigh: Optional[Callable] = static_field(default=None)
 
   def dot(self, x):
-    m = _MASK[-1].astype(jnp.float32).reshape(-1, 1)
+    m = _MASK[-1] if self.weigh is None else self.weigh(x.astype(jnp.float32), _MASK[-1])
+    m = m.astype(jnp.float32).reshape(-1, 1)
     xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
     for part, v in zip(_PARTS, ((m * xf).sum(0), (m * xf).T @ xf, m.sum())):
       losses.sow(_SOW + part + self.path, v)
@@ -61,10 +64,12 @@ def token_mask(mask):
     _MASK.pop()
 
 
-def input_stats(forward: Callable, params, batches: Iterable[dict], paths: list[str]):
+def input_stats(forward: Callable, params, batches: Iterable[dict], paths: list[str],
+                weigh: Optional[Callable] = None):
   """Yields, after each batch, {path: (sum x [..., in], sum x x^T [..., in, in], n [...])} accumulated so far.
-  `forward(params, batch)` runs the model; its batch carries `eva_mask` [B, T] (the tokens to count)."""
-  wrapped = map_with_path(lambda p, l: InputStats(l, path=p) if p in paths else l, params)
+  `forward(params, batch)` runs the model; its batch carries `eva_mask` [B, T] (the tokens to count). With
+  `weigh(x [B, T, in], mask [B, T]) -> [B, T]` each token counts with that weight instead of its mask."""
+  wrapped = map_with_path(lambda p, l: InputStats(l, path=p, weigh=weigh) if p in paths else l, params)
 
   @jax.jit
   def stats(params, batch):

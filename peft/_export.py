@@ -18,7 +18,9 @@ Each node class writes its own tensors and config fields (`hf_tensors`, `hf_conf
 re-runs an initialisation that would rewrite the base. PiSSA/OLoRA adapters trained on a residual base are
 either exported with `initial=` (converted to a rank-2r LoRA on the original base, as PEFT's
 `path_initial_model_for_weight_conversion`), or as they are with `residual_ok=True`, and then the base to load
-them on is the residual one: `models.save_hf(dir, cfg, peft.strip(params))`.
+them on is the residual one: `models.save_hf(dir, cfg, peft.strip(params))`. The same holds for the data inits
+that rewrite the base (CorDA, LoRA-GA); LoftQ's adapter exports only with `residual_ok=True`, beside its
+dequantised base.
 
 A merged export (a plain transformers checkpoint) is `models.save_hf(dir, cfg, params)`, which folds every
 adapter in with `peft.merge` (a quantised base is written dequantised).
@@ -36,6 +38,7 @@ import numpy as np
 from peft._apply import residual_to_lora, spec_from_config
 from peft._node import HF_FORMATS, AdapterSpec
 from peft._core import is_adapter, map_with_path
+from peft._data_init import get_data_init, is_data_init
 from peft._init import is_residual
 from peft._quant import QuantizedWeight
 
@@ -92,9 +95,15 @@ def export_adapter(path: str, params, spec_or_cfg=None, model_type: str = "llama
   if model_type not in FAMILIES:
     raise ValueError(f"model_type={model_type!r}; valid: {', '.join(FAMILIES)}")
   spec = _as_spec(spec_or_cfg)
+  data_init = get_data_init(spec.init) if spec is not None and is_data_init(spec.init) else None
+  if initial is not None and data_init is not None and data_init.quantizes_base:
+    raise ValueError(f"init={spec.init!r} replaced the base by a quantised approximation, so the original "
+                     "base is not W_res + s A0 B0 and no LoRA on it reproduces this model: export with "
+                     "residual_ok=True and ship the base (models.save_hf(dir, cfg, peft.strip(params)))")
   if initial is not None:
     params = residual_to_lora(params, initial)
-  elif spec is not None and is_residual(spec.init) and not residual_ok:
+  elif spec is not None and (is_residual(spec.init) or (data_init is not None and data_init.mutates_base)) \
+      and not residual_ok:
     raise ValueError(f"init={spec.init!r} trained on a residual base: pass initial= (the params before "
                      "training) to export plain LoRA for the original base, or residual_ok=True and ship "
                      "the residual base (models.save_hf(dir, cfg, peft.strip(params)))")
