@@ -97,9 +97,9 @@ def corda_init(params, forward: Callable, batches: Iterable[dict], *, mode: str 
       raise ValueError(f"{path}: CorDA needs r <= min(in, out), got r = {node.rank}")
     w = float_weight(node.base, jnp.float32)
     lead = w.shape[:-2]
-    fn = lambda ww, cc: corda_factors(ww, cc, node.rank, node.scale, mode)
+    fn = jax.jit(jax.vmap(lambda ww, cc: corda_factors(ww, cc, node.rank, node.scale, mode)))
     c = cov[path].astype(jnp.float32)
-    a, b, res = jax.vmap(fn)(w.reshape((-1,) + w.shape[-2:]), c.reshape((-1,) + c.shape[-2:]))
+    a, b, res = fn(w.reshape((-1,) + w.shape[-2:]), c.reshape((-1,) + c.shape[-2:]))
     un = lambda x: x.reshape(lead + x.shape[1:])
     return node.replace(a=un(a).astype(node.a.dtype), b=un(b).astype(node.b.dtype),
                         base=like_base(node.base, un(res)))

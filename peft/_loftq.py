@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from peft._core import is_adapter, map_with_path
@@ -69,9 +70,9 @@ def loftq_init(params, *, bits: int = 4, num_iter: int = 1, block_size: int = 64
     if isinstance(node.base, QuantizedWeight):
       raise ValueError(f"{path}: LoftQ quantises the float weight itself; its base is already quantised "
                        "(quantise after LoftQ, or let apply_config do it: it leaves LoftQ's targets to LoftQ)")
-    w = node.base.astype(jnp.float32)
     scale = 1.0 if peft_scale else node.scale
-    a, b, q = loftq_factors(w, node.rank, scale, quantize, num_iter)
+    fn = jax.jit(lambda w: loftq_factors(w, node.rank, scale, quantize, num_iter))
+    a, b, q = fn(node.base.astype(jnp.float32))
     q = q.replace(dtype=str(node.base.dtype))
     return node.replace(a=a.astype(node.a.dtype), b=b.astype(node.b.dtype), base=q)
 

@@ -101,10 +101,12 @@ def _tiny_calibration(model):
   return forward, loss, batches
 
 
-def _tiny_inits(model, params):
-  """{name: (params at init, the spec)} for the three inits on every projection of the tiny decoder."""
+@pytest.fixture(scope="module")
+def tiny_inits(tiny):
+  """{name: (params at init, the spec)} for the three inits on projections of the tiny decoder."""
+  model, params = tiny
   forward, loss, batches = _tiny_calibration(model)
-  targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  targets = ("q_proj", "v_proj", "up_proj", "down_proj")
   out = {}
   for name, fn in (("lora_ga", lambda p: _loraga.lora_ga_init(p, loss, batches)),
                    ("corda", lambda p: _corda.corda_init(p, forward, batches, mode="kpa")),
@@ -115,7 +117,7 @@ def _tiny_inits(model, params):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny):
+def reference(tmp_path_factory, tiny, tiny_inits):
   """PEFT's CorDA, LoRA-GA and LoftQ on the chain, and our tiny-decoder exports loaded by PEFT: one run."""
   refenv.require()
   root = tmp_path_factory.mktemp("data_init_peft")
@@ -123,7 +125,7 @@ def reference(tmp_path_factory, tiny):
   model, params = tiny
   models.save_hf(str(root / "base"), model.config, params)
   jobs, ours = [], {}
-  for k, (name, (initial, spec)) in enumerate(_tiny_inits(model, params).items()):
+  for k, (name, (initial, spec)) in enumerate(tiny_inits.items()):
     trained = _perturbed(initial, k)
     base = root / "base"
     if name == "loftq":     # LoftQ's adapter belongs on its dequantised base
@@ -194,17 +196,14 @@ def test_corda_equals_peft(reference, mode):
     assert rel_err(w, pw) < REL, name
 
 
-def test_corda_output_unchanged(tiny):
-  """On the tiny decoder (all projections, both modes): logits at init equal the base model's."""
+@pytest.mark.parametrize("name", ["corda", "lora_ga"])
+def test_output_unchanged_at_init(tiny, tiny_inits, name):
+  """On the tiny decoder (CorDA in KPA mode): logits at init equal the base model's, with s A B != 0."""
   model, params = tiny
-  forward, _, batches = _tiny_calibration(model)
-  base = model.apply(params, batches[0]["tokens"])
-  for mode in ("ipa", "kpa"):
-    adapted = peft.apply(params, {"all-linear": peft.AdapterSpec("lora", rank=4, alpha=8.0)})
-    out = _corda.corda_init(adapted, forward, batches, mode=mode)
-    assert float(jnp.abs(out["layers"]["mlp"]["up_proj"]["kernel"].b).max()) > 0
-    np.testing.assert_allclose(np.asarray(model.apply(out, batches[0]["tokens"])), np.asarray(base),
-                               rtol=1e-5, atol=2e-5)
+  initial, _ = tiny_inits[name]
+  assert float(jnp.abs(initial["layers"]["mlp"]["up_proj"]["kernel"].b).max()) > 0
+  np.testing.assert_allclose(np.asarray(model.apply(initial, TOKENS)), np.asarray(model.apply(params, TOKENS)),
+                             rtol=1e-5, atol=2e-5)
 
 
 # ---- LoRA-GA -----------------------------------------------------------------------------------------
@@ -260,7 +259,7 @@ def test_loftq_equals_peft(reference, k):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_loftq_formula_and_error(bits):
-  """Our stored quantiser, s = 2: one iteration equals float64 SVD_r(W - deq(quant(W))) split as S/s; the
+  """Our stored quantiser (blocks of 64 of our [in, out] layout), s = 2: one iteration equals float64 SVD_r(W - deq(quant(W))) split as S/s; the
   next iteration quantises W - s A_1 B_1; deq(Q) + s A B is closer to W than deq(quant(W)), and more so
   with more iterations; the base is stored quantised."""
   rng = np.random.default_rng(3)
@@ -276,7 +275,9 @@ def test_loftq_formula_and_error(bits):
   u, s, vt = np.linalg.svd(w.astype(np.float64) - plain)
   want = np.einsum("ik,k,kj->kij", u[:, :4], s[:4], vt[:4])
   got = scale * np.einsum("ik,kj->kij", np.asarray(one.a, np.float64), np.asarray(one.b, np.float64))
-  assert rel_err(got, want) < 1e-5
+  # int8's residual is near-white noise: its top singular values are 3% apart, so a float32 SVD's components
+  # carry ~1e-6 / 0.03 of error (measured 1.8e-5); nf4's are further apart (measured 2.7e-6)
+  assert rel_err(got, want) < (1e-5 if bits == 4 else 5e-5)
   two = _loftq.loftq_init(params, bits=bits, num_iter=2)["w"]["kernel"]
   q2 = peft.quantize_array(jnp.asarray(w) - scale * one.a @ one.b, kind, 64).dequantize(jnp.float32)
   np.testing.assert_array_equal(np.asarray(two.base.dequantize(jnp.float32)), np.asarray(q2))
@@ -322,11 +323,10 @@ def test_export_loads_in_peft_with_our_logits(reference, tiny, name):
   assert config["r"] == (4 if name == "loftq" else 8)
 
 
-def test_exports_refuse_the_wrong_base(tiny, tmp_path):
+def test_exports_refuse_the_wrong_base(tiny_inits, tmp_path):
   """A residual-base init without `initial=` or `residual_ok` raises (its adapter needs W_res); LoftQ with
   `initial=` raises (no LoRA on the original W reproduces a quantised base)."""
-  model, params = tiny
-  for name, (initial, spec) in _tiny_inits(model, params).items():
+  for name, (initial, spec) in tiny_inits.items():
     if name == "loftq":
       with pytest.raises(ValueError, match="quantised approximation"):
         peft.export_adapter(str(tmp_path / name), initial, spec, initial=initial)
