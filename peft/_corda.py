@@ -45,6 +45,9 @@ def lora_nodes(params, who: str) -> dict:
 def sample_weights(x, mask):
   """Token weights [B, T] that make sum_t w x x^T = (X_k / c_k)^T (X_k / c_k) per sequence: mask / c_k^2, with c_k
   the absolute value of the largest entry of the sequence's real tokens (PEFT's `input / torch.max(input).abs()`)."""
+  if x.shape[:-1] != mask.shape:
+    raise ValueError(f"CorDA reads a layer's inputs as [B, T, in] beside the [B, T] mask, got {x.shape} and "
+                     f"{mask.shape}")
   top = jnp.max(jnp.where(mask[..., None], x, -jnp.inf), axis=(-2, -1))
   c2 = jnp.where(jnp.isfinite(top) & (top != 0), top * top, 1.0)
   return mask / c2[..., None]
@@ -74,7 +77,8 @@ def corda_factors(w, cov, rank: int, scale: float, mode: str = "ipa"):
 def covariances(forward: Callable, params, batches: list[dict], paths: list[str]) -> dict:
   """{path: C [..., in, in]}: the normalised second moment of each path's inputs, averaged over the
   sequences (rows with a token in `eva_mask`) of all batches."""
-  acc = None
+  if not batches:
+    raise ValueError("CorDA needs calibration batches (config.peft.data_init.batches > 0)")
   for acc in input_stats(forward, params, batches, paths, weigh=sample_weights):
     pass
   samples = sum(float(jnp.sum(jnp.any(b["eva_mask"], -1))) for b in batches)
@@ -100,6 +104,8 @@ def corda_init(params, forward: Callable, batches: Iterable[dict], *, mode: str 
     fn = jax.jit(jax.vmap(lambda ww, cc: corda_factors(ww, cc, node.rank, node.scale, mode)))
     c = cov[path].astype(jnp.float32)
     a, b, res = fn(w.reshape((-1,) + w.shape[-2:]), c.reshape((-1,) + c.shape[-2:]))
+    if not bool(jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))):   # PEFT raises on the same
+      raise ValueError(f"{path}: CorDA's factors are not finite (calibration inputs all zero or not finite?)")
     un = lambda x: x.reshape(lead + x.shape[1:])
     return node.replace(a=un(a).astype(node.a.dtype), b=un(b).astype(node.b.dtype),
                         base=like_base(node.base, un(res)))
