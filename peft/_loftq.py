@@ -70,6 +70,8 @@ def loftq_init(params, *, bits: int = 4, num_iter: int = 1, block_size: int = 64
     if isinstance(node.base, QuantizedWeight):
       raise ValueError(f"{path}: LoftQ quantises the float weight itself; its base is already quantised "
                        "(quantise after LoftQ, or let apply_config do it: it leaves LoftQ's targets to LoftQ)")
+    if min(node.base.shape[-2:]) < node.rank:
+      raise ValueError(f"{path}: LoftQ needs r <= min(in, out), got r = {node.rank}")
     scale = 1.0 if peft_scale else node.scale
     fn = jax.jit(lambda w: loftq_factors(w, node.rank, scale, quantize, num_iter))
     a, b, q = fn(node.base.astype(jnp.float32))
