@@ -37,7 +37,7 @@ from peft._adalora import AdaLoRA, adalora_options
 from peft._dylora import DyLoRA, dylora_at_rank
 from peft._sora import SoRA, sora_options, sora_prune
 from peft._increlora import RESERVE_E as increlora_reserve_e, IncreLoRA, increlora_options
-from peft._export import export_adapter, import_adapter
+from peft._export import export_adapter, import_adapter, needs_initial
 from peft._eva import eva_init
 from peft._loraga import lora_ga_init
 from peft._corda import corda_init

@@ -69,6 +69,18 @@ def _as_spec(spec_or_cfg) -> Optional[AdapterSpec]:
   return spec_from_config(spec_or_cfg)
 
 
+def needs_initial(spec_or_cfg) -> bool:
+  """True when `export_adapter` needs `initial=` (the adapted params before training) to export a plain
+  LoRA for the original base: inits that move part of W into the adapter (PiSSA, OLoRA, CorDA, LoRA-GA)."""
+  spec = _as_spec(spec_or_cfg)
+  if spec is None:
+    return False
+  data_init = get_data_init(spec.init) if is_data_init(spec.init) else None
+  if data_init is not None:
+    return data_init.mutates_base and not data_init.quantizes_base
+  return is_residual(spec.init)
+
+
 def _adapter_nodes(params) -> dict[str, Any]:
   nodes = {}
   def visit(path, leaf):

@@ -55,6 +55,27 @@ def test_restore_and_export_round_trip(trained, tmp_path):
   assert 0.0 <= res["exact_match"] <= 1.0
 
 
+@pytest.mark.parametrize("init", ["pissa", "lora_ga"])
+def test_export_task_turns_a_residual_init_into_lora_for_the_original_base(tmp_path, init):
+  """The export task of a PiSSA or LoRA-GA run (residual base) rebuilds the step-0 adapter and writes a
+  plain LoRA for the original base: imported onto the untouched base, it gives the trained model's logits."""
+  from configs import lora  # pylint: disable=g-import-not-at-top
+  c = lora.get_config("model=tiny,smoke")
+  c.peft.init, c.peft.data_init.batches = init, 2
+  c.total_steps, c.eval_before, c.eval.num_examples = 3, False, 0
+  wd = str(tmp_path / "run")
+  train_lib.train_and_evaluate(c, wd)
+  out = str(tmp_path / "export")
+  train_lib.run_task(_cfg(task="export", train_workdir=wd, step=0, model_type="llama", dtype=""), out)
+  cfg, model, trained_params, tokenizer = build.load_trained(wd)
+  _, original = build.build_model(cfg, tokenizer)
+  imported = peft.import_adapter(os.path.join(out, "adapter"), jax.device_get(original))
+  tokens = np.arange(24, dtype=np.int32).reshape(2, 12) % model.config.vocab_size
+  want, got = model.apply(trained_params, tokens), model.apply(imported, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+  assert float(np.abs(np.asarray(want) - np.asarray(model.apply(original, tokens))).max()) > 1e-3
+
+
 def _cfg(**kw):
   import ml_collections
   return ml_collections.ConfigDict(kw)

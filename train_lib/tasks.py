@@ -13,6 +13,8 @@ import json
 import os
 from typing import Callable
 
+import jax
+
 import data as data_lib
 import models
 import peft
@@ -118,8 +120,14 @@ def export(config, workdir: str) -> str:
                  generation_config=export_files.generation_config(tokenizer), **extra)
   export_files.write_tokenizer(cfg.data, tokenizer, out)
   if peft.has_adapters(params) and hasattr(peft, "export_adapter"):
+    initial = None
+    if peft.needs_initial(cfg.peft):
+      # A residual-base init: its step-0 params, rebuilt as the run built them (same seed, base and
+      # calibration batches), turn the adapter into a plain LoRA for the original base.
+      start_model, start = build.build_model(cfg, tokenizer)
+      initial = jax.device_get(build.transform_params(cfg, start_model, start)[0])
     peft.export_adapter(os.path.join(workdir, "adapter"), params, cfg.peft,
-                        model_type=config.get("model_type", "llama"))
+                        model_type=config.get("model_type", "llama"), initial=initial)
   print(f"exported to {workdir}", flush=True)
   return out
 
