@@ -90,6 +90,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.unpaired_kl = True               # unpaired: K = 2, index 1 = the prompt with the previous example's
                                      # completion (KTO's KL estimate); False: K = 1
   c.desirable_fraction = 0.5         # builtin unpaired: share of correct completions
+  # Padding-free training batches (`data._pref_packing`; evaluation stays padded): none (one padded row per
+  # sequence) | packed (sequences packed into rows, gathered back per sequence by the loss) | shared_prompt
+  # (also the prompt stored once per example, the completions attending to it through the mask).
+  c.pref_packing = "none"
+  c.pref_pack_groups = 1             # independent packing groups per batch: a multiple of grad_accum_steps,
+                                     # of the processes and of the data-parallel devices
+  c.pref_pack_rows = _ph(int)        # rows per group; None: the most the first epoch needs (more: next multiple)
   return c
 
 

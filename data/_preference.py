@@ -104,6 +104,7 @@ import numpy as np
 from data import _config
 from data import _formats
 from data import _packing
+from data import _pref_packing
 from data import _sft
 from data._pipeline import SFTDataset
 from data._sft import Example, SkipReport
@@ -464,23 +465,45 @@ def num_sequences(kind: str, list_size: int = 4, unpaired_kl: bool = True) -> in
   return {"pairwise": 2, "unpaired": 2 if unpaired_kl else 1, "listwise": list_size}[kind]
 
 
-def layout(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, list_size: int = 4,
-           unpaired_kl: bool = True, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """The [B, K, T] batch of `examples` (the module docstring lists the fields)."""
+def example_sequences(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, list_size: int = 4,
+                      unpaired_kl: bool = True) -> list[list[Example]]:
+  """The sequences of each example in batch order (unpaired: + the mismatched KL sequence)."""
   k = num_sequences(kind, list_size, unpaired_kl)
-  b = len(examples)
-  parts = []
+  out = []
   for i, ex in enumerate(examples):
     seqs = list(ex.seqs)
     if kind == "unpaired" and unpaired_kl:
       seqs.append(_mismatched(ex.seqs[0], examples[i - 1].seqs[0], seq_len))
     if len(seqs) > k:
       raise ValueError(f"example {i} has {len(seqs)} sequences > K = {k}")
-    part, used = _packing.pack(seqs, k, seq_len, mode="none", pad_id=pad_id)
-    if used != len(seqs):
-      raise ValueError(f"example {i} has a sequence longer than seq_len {seq_len}")
-    parts.append(part)
-  batch = {f: np.stack([p[f] for p in parts]) for f in _packing.FIELDS}
+    out.append(seqs)
+  return out
+
+
+def layout(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, list_size: int = 4,
+           unpaired_kl: bool = True, pad_id: int = 0, packing: str = "none", pack_groups: int = 1,
+           pack_rows: int | None = None) -> dict[str, np.ndarray]:
+  """The [B, K, T] batch of `examples` (the module docstring lists the fields); with `packing` "packed" or
+  "shared_prompt" the rows of `data._pref_packing` instead ([G, rows, T] and `seq_index` [B, K, T])."""
+  k = num_sequences(kind, list_size, unpaired_kl)
+  b = len(examples)
+  seqs_of = example_sequences(examples, kind, seq_len=seq_len, list_size=list_size, unpaired_kl=unpaired_kl)
+  if _pref_packing.check_mode(packing) == "none":
+    parts = []
+    for i, seqs in enumerate(seqs_of):
+      part, used = _packing.pack(seqs, k, seq_len, mode="none", pad_id=pad_id)
+      if used != len(seqs):
+        raise ValueError(f"example {i} has a sequence longer than seq_len {seq_len}")
+      parts.append(part)
+    batch = {f: np.stack([p[f] for p in parts]) for f in _packing.FIELDS}
+  else:
+    for i, seqs in enumerate(seqs_of):
+      if max(len(s.tokens) for s in seqs) > seq_len:
+        raise ValueError(f"example {i} has a sequence longer than seq_len {seq_len}")
+      if packing == "shared_prompt":
+        _pref_packing.check_fits(seqs, packing, seq_len, f"example {i}")
+    batch = _pref_packing.pack_batch(seqs_of, k, packing, groups=pack_groups, rows=pack_rows or 1,
+                                     seq_len=seq_len, pad_id=pad_id)
   if kind == "listwise":
     batch["scores"] = np.zeros((b, k), np.float32)
     batch["list_mask"] = np.zeros((b, k), np.float32)
@@ -517,7 +540,8 @@ class PreferenceDataset(SFTDataset):
   def __init__(self, examples: Sequence[PreferenceExample], *, kind: str, batch_size: int, seq_len: int,
                seed: int = 0, train: bool = True, list_size: int = 4, unpaired_kl: bool = True,
                pad_id: int = 0, process_index: int = 0, process_count: int = 1,
-               report: SkipReport | None = None):
+               report: SkipReport | None = None, pref_packing: str = "none", pack_groups: int = 1,
+               pack_rows: int | None = None):
     # Not SFTDataset.__init__: its checks are about packed token lists; the stream reads what is set here.
     if kind not in KINDS:
       raise ValueError(f"unknown preference kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -542,6 +566,53 @@ class PreferenceDataset(SFTDataset):
     self.process_index, self.process_count = process_index, process_count
     self.report = report if report is not None else PreferenceReport()
     self._orders: dict[int, np.ndarray] = {}
+    # Padding-free rows (`data._pref_packing`) for training; evaluation batches stay padded.
+    self.pref_packing = _pref_packing.check_mode(pref_packing) if train else "none"
+    self.pack_groups, self.pack_rows = int(pack_groups), pack_rows
+    if self.pref_packing != "none":
+      self._check_packing()
+
+  def _check_packing(self) -> None:
+    g, mode, T = self.pack_groups, self.pref_packing, self.seq_len
+    if g < 1 or self.batch_size % g or g % self.process_count:
+      raise ValueError(f"config.data.pref_pack_groups={g} must divide batch_size {self.batch_size} and be a "
+                       f"multiple of process_count {self.process_count}")
+    if self.pack_rows is not None and int(self.pack_rows) < 1:
+      raise ValueError(f"config.data.pref_pack_rows={self.pack_rows} must be >= 1 (or None: automatic)")
+    if mode == "shared_prompt":
+      kl = self.kind == "unpaired" and self.unpaired_kl
+      # The KL completion of an unpaired example is another example's response after this prompt.
+      longest_response = max(len(e.seqs[0].tokens) - int(np.argmax(e.seqs[0].weights > 0)) for e in self.examples)
+      for i, e in enumerate(self.examples):
+        seqs = list(e.seqs)
+        if kl:
+          start = int(np.argmax(seqs[0].weights > 0))
+          n = min(T, start + longest_response)
+          seqs.append(Example(np.zeros(n, np.int32), np.r_[np.zeros(start), np.ones(n - start)]))
+          seqs[-1].tokens[:start] = seqs[0].tokens[:start]
+        _pref_packing.check_fits(seqs, mode, T, self.report.locate(i))
+    if self.pack_rows is None:   # the most rows a group of the first epoch's batches needs
+      from data._pipeline import _Stream   # pylint: disable=g-import-not-at-top
+      need, per = 1, self.batch_size // g
+      for start in range(0, len(self.examples), self.batch_size):
+        stream = _Stream(self, 0, start)
+        rows = [stream[j] for j in range(self.batch_size)]
+        seqs_of = example_sequences(rows, self.kind, seq_len=T, list_size=self.list_size,
+                                    unpaired_kl=self.unpaired_kl)
+        need = max([need] + [_pref_packing.rows_needed(seqs_of[q * per:(q + 1) * per], mode, T)
+                             for q in range(g)])
+      self.pack_rows = need
+
+  def local_rows(self, batch: dict) -> dict:
+    """This process's part of a global batch: its examples, and with packing its groups."""
+    if self.pref_packing == "none":
+      return super().local_rows(batch)
+    out = {}
+    for k, v in batch.items():
+      n = self.pack_groups if k in _pref_packing.GROUP_FIELDS else self.batch_size
+      rows = n // self.process_count
+      out[k] = v[self.process_index * rows:(self.process_index + 1) * rows]
+    return out
 
   def make_batch(self, stream) -> tuple[dict[str, np.ndarray], int]:
     rows = []
@@ -553,7 +624,8 @@ class PreferenceDataset(SFTDataset):
     used = len(rows)
     rows += [self.examples[j % len(self.examples)] for j in range(self.batch_size - used)]
     batch = layout(rows, self.kind, seq_len=self.seq_len, list_size=self.list_size,
-                   unpaired_kl=self.unpaired_kl, pad_id=self.pad_id)
+                   unpaired_kl=self.unpaired_kl, pad_id=self.pad_id, packing=self.pref_packing,
+                   pack_groups=self.pack_groups, pack_rows=self.pack_rows)
     batch["example_mask"][used:] = 0.0
     return batch, used
 
@@ -653,7 +725,8 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
   return PreferenceDataset(examples, kind=kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
                            train=train, list_size=cfg.list_size, unpaired_kl=cfg.unpaired_kl, pad_id=pad_id,
                            process_index=process_index, process_count=process_count,
-                           report=PreferenceReport(report, dropped))
+                           report=PreferenceReport(report, dropped), pref_packing=cfg.pref_packing,
+                           pack_groups=cfg.pref_pack_groups, pack_rows=cfg.pref_pack_rows)
 
 
 def preference_eval_examples(config, split: str, n: int | None = None) -> list[PreferenceRecord]:

@@ -1,0 +1,213 @@
+"""Padding-free preference batches (data/_pref_packing.py, losses/_outputs.py, models `prefix_ids`):
+packed and shared-prompt batches give the padded batch's loss and gradient; rows hold several examples
+and the per-sequence outputs follow their example; the stream, its state and the process split; bad
+input; a trainer run with the switch on."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import losses
+from configs import dpo, dpo_kernels, lipo
+
+TOK = data.CharTokenizer()
+T = 64
+MODES = ("packed", "shared_prompt")
+
+
+def _cfg(kind, **kw):
+  cfg = data.default_config()
+  cfg.update({"pref_kind": kind, "tokenizer": "char", "task": "sort", "train_size": 400, "eval_size": 40, **kw})
+  return cfg
+
+
+def _examples(kind, n=8, **kw):
+  ds = data.get_dataset(_cfg(kind, **kw), "train", tokenizer=TOK, batch_size=n, seq_len=T)
+  return ds.examples[:n]
+
+
+def _batch(examples, kind, mode, **kw):
+  return {k: jnp.asarray(v) for k, v in data.layout(examples, kind, seq_len=T, packing=mode, **kw).items()}
+
+
+def _loss_and_grad(model, params, ref_params, loss_cfg):
+  entry = losses.get(loss_cfg.name)
+  needs = entry.needs_for(loss_cfg)
+
+  @jax.jit
+  def f(p, batch):
+    def loss(p):
+      policy = losses.model_outputs(model, p, batch, needs)
+      reference = jax.lax.stop_gradient(losses.model_outputs(model, ref_params, batch, needs))
+      return entry.fn(policy, reference, batch, loss_cfg)[0]
+    return jax.value_and_grad(loss)(p)
+  return f
+
+
+def _rel(a, b):
+  a, b = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (a, b)]
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _loss_cfg(name):
+  if name in ("dpo", "ipo"):
+    return dpo.get_config(f"model=tiny,smoke,loss_type={'sigmoid' if name == 'dpo' else 'ipo'}").loss
+  if name == "lipo":
+    return lipo.get_config("model=tiny,smoke").loss
+  pool = "last" if name == "dpo_kernels_last" else "mean"
+  cfg = dpo_kernels.get_config(f"model=tiny,smoke,kernel=rbf,divergence=js,pool={pool}").loss
+  cfg.gamma = 0.5       # a kernel term of the size of the log-ratio term, so the embeddings count
+  cfg.divergence_scale = 0.5
+  return cfg
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "lipo", "dpo_kernels", "dpo_kernels_last"])
+def test_packed_batches_give_the_padded_loss_and_gradient(tiny_model, name):
+  model, params = tiny_model(seed=0)
+  _, ref_params = tiny_model(seed=1)
+  loss_cfg = _loss_cfg(name)
+  kind = "listwise" if name == "lipo" else "pairwise"
+  examples = _examples(kind)
+  if kind == "listwise":   # a list of 3 in K = 4: a padding entry with all masks 0
+    ex = examples[2]
+    examples[2] = ex._replace(seqs=ex.seqs[:3], scores=ex.scores[:3])
+  needs = losses.get(loss_cfg.name).needs_for(loss_cfg)
+  assert {"dpo_kernels": {"embeddings", "last_logits"}, "dpo_kernels_last": {"last_hidden", "last_logits"}}.get(
+      name, set()) <= needs
+  f = _loss_and_grad(model, params, ref_params, loss_cfg)
+  want_loss, want_grad = f(params, _batch(examples, kind, "none"))
+  for mode in MODES:
+    batch = _batch(examples, kind, mode)
+    assert batch["inputs"].shape[1] < len(examples) * batch["seq_index"].shape[1]   # fewer rows than padded
+    loss, grad = f(params, batch)
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), (mode, loss, want_loss)
+    assert _rel(grad, want_grad) < 1e-5, mode
+
+
+def test_rows_hold_several_examples_and_outputs_follow_their_example(tiny_model):
+  model, params = tiny_model()
+  examples = _examples("pairwise", n=8)
+  needs = frozenset({"embeddings", "last_hidden", "last_logits"})
+  fwd = jax.jit(lambda b: losses.model_outputs(model, params, b, needs))
+  padded = fwd(_batch(examples, "pairwise", "none"))
+  perm = np.random.default_rng(0).permutation(len(examples))
+  for mode in MODES:
+    batch = _batch(examples, "pairwise", mode, pack_groups=2)
+    index = np.asarray(batch["seq_index"])                     # [B, K, T]: group-local slot
+    rows_of = [{int(i) // T for i in index[b].ravel() if i >= 0} for b in range(len(examples))]
+    group = np.arange(len(examples)) // 4
+    shared = [(g, r) for g in range(2) for r in range(batch["inputs"].shape[1])
+              if sum((g, r) in {(group[b], x) for x in rows_of[b]} for b in range(len(examples))) > 1]
+    assert shared, f"{mode}: no row holds two examples"
+    got = fwd(batch)
+    got_perm = fwd(_batch([examples[i] for i in perm], "pairwise", mode, pack_groups=2))
+    for key in ("logps", "lengths", "embeddings", "prompt_embeddings", "last_embeddings",
+                "prompt_last_embeddings", "last_logits"):
+      np.testing.assert_allclose(got[key], padded[key], rtol=1e-5, atol=1e-5, err_msg=f"{mode} {key}")
+      np.testing.assert_allclose(got_perm[key], np.asarray(got[key])[perm], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["mask"], padded["mask"])
+    np.testing.assert_allclose(got["token_logps"] * got["mask"], padded["token_logps"] * padded["mask"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prompt_layout_of_the_worked_example():
+  fields = data._preference.Fields()
+  rec, _ = data.record_preference({"prompt": "a", "chosen": "xy", "rejected": "y"}, "pairwise", fields)
+  ex, _ = data.encode_preference(rec, TOK, "pairwise", seq_len=8, max_prompt_len=None, max_response_len=None,
+                                 truncate=True, allow_identical=False)
+  b = data.layout([ex], "pairwise", seq_len=8, packing="shared_prompt")
+  assert b["inputs"].tolist() == [[[1, 13, 36, 37, 2, 13, 37, 2]]]
+  assert b["positions"].tolist() == [[[0, 1, 2, 3, 4, 1, 2, 3]]]
+  assert b["segment_ids"].tolist() == [[[1, 2, 2, 2, 2, 3, 3, 3]]]
+  assert b["prefix_ids"].tolist() == [[[0, 1, 1, 1, 1, 1, 1, 1]]]
+  assert b["loss_mask"].tolist() == [[[0, 1, 1, 1, 0, 1, 1, 0]]]
+  assert b["seq_index"].tolist() == [[[0, 1, 2, 3, 4, -1, -1, -1], [0, 5, 6, 7, -1, -1, -1, -1]]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_state_resume_and_process_split(mode):
+  cfg = _cfg("pairwise", pref_packing=mode, pref_pack_groups=2)
+  ds = data.get_dataset(cfg, "train", tokenizer=TOK, batch_size=8, seq_len=T, seed=3)
+  padded = data.get_dataset(_cfg("pairwise"), "train", tokenizer=TOK, batch_size=8, seq_len=T, seed=3)
+  it, it_pad = iter(ds), iter(padded)
+  for _ in range(3):
+    b, bp = next(it), next(it_pad)
+    np.testing.assert_array_equal(b["example_mask"], bp["example_mask"])
+  assert it.get_state() == it_pad.get_state()          # the same examples per batch: the padded stream
+  state = it.get_state()
+  want = [next(it) for _ in range(2)]
+  again = iter(data.get_dataset(cfg, "train", tokenizer=TOK, batch_size=8, seq_len=T, seed=3))
+  again.set_state(json.loads(json.dumps(state)))
+  for w in want:
+    g = next(again)
+    assert sorted(g) == sorted(w)
+    for k in w:
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+  # Two processes: each keeps one group of rows and its 4 examples; together they are the global batch.
+  parts = []
+  for p in range(2):
+    pit = iter(data.get_dataset(cfg, "train", tokenizer=TOK, batch_size=8, seq_len=T, seed=3, process_index=p,
+                                process_count=2))
+    pit.set_state(state)
+    parts.append(next(pit))
+  for k in want[0]:
+    np.testing.assert_array_equal(np.concatenate([q[k] for q in parts]), want[0][k], err_msg=k)
+  assert parts[0]["inputs"].shape[0] == 1 and parts[0]["seq_index"].shape[0] == 4
+  # Evaluation stays padded.
+  ev = next(iter(data.get_dataset(cfg, "test", tokenizer=TOK, batch_size=8, seq_len=T)))
+  assert "seq_index" not in ev and ev["inputs"].shape == (8, 2, T)
+
+
+def test_rows_grow_to_the_next_multiple_when_a_batch_needs_more():
+  examples = _examples("pairwise", n=8)
+  b = data.layout(examples, "pairwise", seq_len=T, packing="packed", pack_rows=1)
+  need = data._pref_packing.rows_needed(data._preference.example_sequences(examples, "pairwise", seq_len=T),
+                                        "packed", T)
+  assert b["inputs"].shape == (1, need, T) and need > 1
+  b3 = data.layout(examples, "pairwise", seq_len=T, packing="packed", pack_rows=3)
+  assert b3["inputs"].shape[1] == 3 * -(-need // 3)
+
+
+def test_bad_input_names_the_option():
+  with pytest.raises(ValueError, match="pref_packing='nope'"):
+    data.get_dataset(_cfg("pairwise", pref_packing="nope"), "train", tokenizer=TOK, batch_size=8, seq_len=T)
+  with pytest.raises(ValueError, match="pref_pack_groups=3"):
+    data.get_dataset(_cfg("pairwise", pref_packing="packed", pref_pack_groups=3), "train", tokenizer=TOK,
+                     batch_size=8, seq_len=T)
+  # A pair whose prompt and two completions do not fit one row: shared_prompt cannot place it.
+  records = [{"prompt": "p" * 10, "chosen": "c" * 12, "rejected": "r" * 12}]
+  cfg = _cfg("pairwise", source="builtin")
+  fields = data._preference.Fields.from_config(cfg)
+  rec, _ = data.record_preference(records[0], "pairwise", fields)
+  ex, _ = data.encode_preference(rec, TOK, "pairwise", seq_len=28, max_prompt_len=None, max_response_len=None,
+                                 truncate=True, allow_identical=False)
+  with pytest.raises(ValueError, match="pref_packing='shared_prompt'"):
+    data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="shared_prompt")
+  data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="packed")   # fits
+
+
+def test_trainer_runs_with_shared_prompt_packing_and_accumulation(tmp_path):
+  import train_lib
+  from train_lib import validate
+  config = dpo.get_config("model=tiny,smoke")
+  config.total_steps = 3
+  config.eval_before = False
+  config.log_every_steps = 1
+  config.eval.num_examples = 0
+  config.data.pref_packing = "shared_prompt"
+  config.data.pref_pack_groups = 2
+  config.optim.grad_accum_steps = 2
+  bad = dpo.get_config("model=tiny,smoke")
+  bad.data.pref_packing, bad.data.pref_pack_groups, bad.optim.grad_accum_steps = "packed", 1, 2
+  with pytest.raises(validate.ConfigError, match="pref_pack_groups=1"):
+    validate.validate(bad)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  recs = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  train = [r for r in recs if "padding_fraction" in r]
+  assert len(train) == 3 and all(np.isfinite(r["loss"]) for r in train)
+  # The padded batch of this config is 8 x 2 rows of seq_len slots, mostly padding (short sort pairs).
+  assert all(r["padding_fraction"] < 0.5 for r in train), [r["padding_fraction"] for r in train]
