@@ -34,17 +34,20 @@ def _batch(examples, kind, mode, **kw):
   return {k: jnp.asarray(v) for k, v in data.layout(examples, kind, seq_len=T, packing=mode, **kw).items()}
 
 
-def _loss_and_grad(model, params, ref_params, loss_cfg):
-  entry = losses.get(loss_cfg.name)
-  needs = entry.needs_for(loss_cfg)
+def _losses_and_grads(model, params, ref_params, loss_cfgs):
+  """jit(batches -> [(loss, grad) per batch per loss config]): one compilation for all layouts."""
+  entries = [losses.get(c.name) for c in loss_cfgs]
+  needs = frozenset().union(*(e.needs_for(c) for e, c in zip(entries, loss_cfgs)))
 
   @jax.jit
-  def f(p, batch):
-    def loss(p):
-      policy = losses.model_outputs(model, p, batch, needs)
+  def f(batches):
+    out = []
+    for batch in batches:
       reference = jax.lax.stop_gradient(losses.model_outputs(model, ref_params, batch, needs))
-      return entry.fn(policy, reference, batch, loss_cfg)[0]
-    return jax.value_and_grad(loss)(p)
+      for entry, cfg in zip(entries, loss_cfgs):
+        loss = lambda p: entry.fn(losses.model_outputs(model, p, batch, needs), reference, batch, cfg)[0]
+        out.append(jax.value_and_grad(loss)(params))
+    return out
   return f
 
 
@@ -58,34 +61,34 @@ def _loss_cfg(name):
     return dpo.get_config(f"model=tiny,smoke,loss_type={'sigmoid' if name == 'dpo' else 'ipo'}").loss
   if name == "lipo":
     return lipo.get_config("model=tiny,smoke").loss
-  pool = "last" if name == "dpo_kernels_last" else "mean"
-  cfg = dpo_kernels.get_config(f"model=tiny,smoke,kernel=rbf,divergence=js,pool={pool}").loss
+  cfg = dpo_kernels.get_config("model=tiny,smoke,kernel=rbf,divergence=js").loss
   cfg.gamma = 0.5       # a kernel term of the size of the log-ratio term, so the embeddings count
   cfg.divergence_scale = 0.5
   return cfg
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "lipo", "dpo_kernels", "dpo_kernels_last"])
-def test_packed_batches_give_the_padded_loss_and_gradient(tiny_model, name):
+@pytest.mark.parametrize("names", [("dpo", "ipo"), ("lipo",), ("dpo_kernels",)])
+def test_packed_batches_give_the_padded_loss_and_gradient(tiny_model, names):
   model, params = tiny_model(seed=0)
   _, ref_params = tiny_model(seed=1)
-  loss_cfg = _loss_cfg(name)
-  kind = "listwise" if name == "lipo" else "pairwise"
+  loss_cfgs = [_loss_cfg(n) for n in names]
+  kind = "listwise" if names == ("lipo",) else "pairwise"
   examples = _examples(kind)
   if kind == "listwise":   # a list of 3 in K = 4: a padding entry with all masks 0
     ex = examples[2]
     examples[2] = ex._replace(seqs=ex.seqs[:3], scores=ex.scores[:3])
-  needs = losses.get(loss_cfg.name).needs_for(loss_cfg)
-  assert {"dpo_kernels": {"embeddings", "last_logits"}, "dpo_kernels_last": {"last_hidden", "last_logits"}}.get(
-      name, set()) <= needs
-  f = _loss_and_grad(model, params, ref_params, loss_cfg)
-  want_loss, want_grad = f(params, _batch(examples, kind, "none"))
-  for mode in MODES:
-    batch = _batch(examples, kind, mode)
-    assert batch["inputs"].shape[1] < len(examples) * batch["seq_index"].shape[1]   # fewer rows than padded
-    loss, grad = f(params, batch)
-    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), (mode, loss, want_loss)
-    assert _rel(grad, want_grad) < 1e-5, mode
+  if names == ("dpo_kernels",):   # prompt embeddings (mean pool) and the last token's logits
+    assert {"embeddings", "last_logits", "reference"} <= losses.get("dpo_kernels").needs_for(loss_cfgs[0])
+  batches = [_batch(examples, kind, mode) for mode in ("none",) + MODES]
+  for b in batches[1:]:
+    assert b["inputs"].shape[1] < len(examples) * b["seq_index"].shape[1]   # fewer rows than padded
+  got = _losses_and_grads(model, params, ref_params, loss_cfgs)(batches)
+  n = len(names)
+  for m, mode in enumerate(MODES, start=1):
+    for i, name in enumerate(names):
+      (loss, grad), (want_loss, want_grad) = got[m * n + i], got[i]
+      assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), (mode, name, loss, want_loss)
+      assert _rel(grad, want_grad) < 1e-5, (mode, name, _rel(grad, want_grad))
 
 
 def test_rows_hold_several_examples_and_outputs_follow_their_example(tiny_model):
