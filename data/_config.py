@@ -97,6 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.pref_pack_groups = 1             # independent packing groups per batch: a multiple of grad_accum_steps,
                                      # of the processes and of the data-parallel devices
   c.pref_pack_rows = _ph(int)        # rows per group; None: the most the first epoch needs (more: next multiple)
+  c.pref_pack_len = _ph(int)         # slots per packed row; None: seq_len (a shared prompt + its K completions
+                                     # must fit one row)
   return c
 
 

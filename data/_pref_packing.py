@@ -5,13 +5,14 @@ r"""Padding-free preference batches: the K sequences of each example packed into
 
 The padded layout gives every sequence a row of T slots ([B, K, T]); with short or long-tailed lengths
 most slots are padding. Here the B examples of a batch are split into `pref_pack_groups` groups of
-consecutive examples, and each group is packed by first-fit decreasing into `rows` rows of T slots:
+consecutive examples, and each group is packed by first-fit decreasing into `rows` rows of L slots
+(`pref_pack_len`, default L = T = seq_len):
 
-    inputs, targets, loss_mask, positions, segment_ids   [G, rows, T]   as SFT rows (`data._packing`)
-    prefix_ids    [G, rows, T] int32   shared_prompt: the segment id of the prompt a completion token also
+    inputs, targets, loss_mask, positions, segment_ids   [G, rows, L]   as SFT rows (`data._packing`)
+    prefix_ids    [G, rows, L] int32   shared_prompt: the segment id of the prompt a completion token also
                                        attends to (0 elsewhere); `models.Decoder.apply(prefix_ids=...)`
     seq_index     [B, K, T]    int32   slot of token t of sequence (b, k) in its group's rows flattened
-                                       (row * T + slot); -1 past the sequence's end and for list padding
+                                       (row * L + slot); -1 past the sequence's end and for list padding
     scores, list_mask, label, ref_logps, e_x, e_c, e_r, example_mask   [B, ...] as in the padded batch
 
 `losses.model_outputs` runs the model over the rows and gathers every per-token quantity back through
@@ -25,7 +26,8 @@ prefix of the K token sequences). The last prompt token is not shared: its targe
 first token. So the prompt segment holds tokens [0, P) at positions 0..P-1, and completion k holds its
 tokens [P, n_k) at positions P..n_k-1 with `prefix_ids` = the prompt's segment: under the mask
 "causal and (same segment or key segment = own prefix id)" each completion token sees exactly the
-tokens the padded row shows it, at the same RoPE positions, hence the same logits.
+tokens the padded row shows it, at the same RoPE positions, hence the same logits. An example whose
+prompt and completions exceed a row (L) is packed as separate sequences, as "packed" does.
 
 Worked example (bos 1, eos 2, "a" 13, "x" 36, "y" 37; prompt "a", chosen "xy", rejected "y"; T = 8):
 padded [[1 13 36 37 2], [1 13 37 2]]; shared prompt P = 1 (bos; "a" stays with each completion):
@@ -54,7 +56,7 @@ import numpy as np
 from data import _packing
 
 MODES = ("none", "packed", "shared_prompt")
-GROUP_FIELDS = _packing.FIELDS + ("prefix_ids",)     # [G, rows, T]: split by group, not by example
+GROUP_FIELDS = _packing.FIELDS + ("prefix_ids",)     # [G, rows, L]: split by group, not by example
 
 
 def check_mode(mode: str) -> str:
@@ -77,18 +79,21 @@ def shared_length(seqs: Sequence) -> int:
   return p
 
 
-def _items(seqs: Sequence, mode: str) -> list[tuple[int, list[tuple[int, int, int]]]]:
+def _items(seqs: Sequence, mode: str, row_len: int) -> list[tuple[int, list[tuple[int, int, int]]]]:
   """Packing items of one example: (slots, [(sequence index k, token start, token end)]); the first part
-  of a shared-prompt item with k = -1 is the prompt."""
+  of a shared-prompt item with k = -1 is the prompt. A shared-prompt example longer than a row is packed
+  as separate sequences (exact too, only without the saving)."""
+  separate = [(len(s.tokens), [(k, 0, len(s.tokens))]) for k, s in enumerate(seqs)]
   if mode == "packed":
-    return [(len(s.tokens), [(k, 0, len(s.tokens))]) for k, s in enumerate(seqs)]
+    return separate
   p = shared_length(seqs) if len(seqs) > 1 else 0
   parts = ([(-1, 0, p)] if p else []) + [(k, p, len(s.tokens)) for k, s in enumerate(seqs)]
-  return [(sum(e - b for _, b, e in parts), parts)]
+  n = sum(e - b for _, b, e in parts)
+  return [(n, parts)] if n <= row_len else separate
 
 
-def item_sizes(seqs: Sequence, mode: str) -> list[int]:
-  return [n for n, _ in _items(seqs, mode)]
+def item_sizes(seqs: Sequence, mode: str, row_len: int) -> list[int]:
+  return [n for n, _ in _items(seqs, mode, row_len)]
 
 
 def _first_fit(sizes: Sequence[int], seq_len: int) -> tuple[list[int], int]:
@@ -107,31 +112,24 @@ def _first_fit(sizes: Sequence[int], seq_len: int) -> tuple[list[int], int]:
   return where, len(fill)
 
 
-def rows_needed(seqs_per_example: Sequence[Sequence], mode: str, seq_len: int) -> int:
-  """Rows first-fit decreasing needs for one group (from the lengths only)."""
-  sizes = [n for seqs in seqs_per_example for n in item_sizes(seqs, mode)]
-  return _first_fit(sizes, seq_len)[1]
-
-
-def check_fits(seqs: Sequence, mode: str, seq_len: int, where: str = "an example") -> None:
-  for n in item_sizes(seqs, mode):
-    if n > seq_len:
-      raise ValueError(f"{where}: its shared prompt and {len(seqs)} completions take {n} slots > seq_len "
-                       f"{seq_len}, the row length of config.data.pref_packing='shared_prompt' (use "
-                       f"pref_packing='packed' or a larger seq_len)")
+def rows_needed(seqs_per_example: Sequence[Sequence], mode: str, row_len: int) -> int:
+  """Rows of `row_len` slots first-fit decreasing needs for one group (from the lengths only)."""
+  sizes = [n for seqs in seqs_per_example for n in item_sizes(seqs, mode, row_len)]
+  return _first_fit(sizes, row_len)[1]
 
 
 def pack_group(seqs_per_example: Sequence[Sequence], k: int, mode: str, rows: int, seq_len: int,
-               pad_id: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """(rows [rows, T] fields with prefix_ids, seq_index [n, k, T]) of one group of examples."""
-  T = seq_len
-  items = [(e, it) for e, seqs in enumerate(seqs_per_example) for it in _items(seqs, mode)]
+               pad_id: int = 0, row_len: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(rows [rows, L] fields with prefix_ids, seq_index [n, k, seq_len]) of one group of examples; L = row_len
+  (default seq_len)."""
+  T = row_len or seq_len
+  items = [(e, it) for e, seqs in enumerate(seqs_per_example) for it in _items(seqs, mode, T)]
   where, used = _first_fit([n for _, (n, _) in items], T)
   if used > rows:
     raise ValueError(f"a group needs {used} rows > {rows} (config.data.pref_pack_rows)")
   out = _packing.empty_batch(rows, T, pad_id)
   out["prefix_ids"] = np.zeros((rows, T), np.int32)
-  index = np.full((len(seqs_per_example), k, T), -1, np.int32)
+  index = np.full((len(seqs_per_example), k, seq_len), -1, np.int32)
   fill, segs = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
   for i in sorted(range(len(items)), key=lambda i: (where[i], -items[i][1][0])):   # row by row, FFD order
     e, (n, parts) = items[i]
@@ -159,7 +157,7 @@ def pack_group(seqs_per_example: Sequence[Sequence], k: int, mode: str, rows: in
 
 
 def pack_batch(seqs_per_example: Sequence[Sequence], k: int, mode: str, *, groups: int, rows: int,
-               seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+               seq_len: int, pad_id: int = 0, row_len: int | None = None) -> dict[str, np.ndarray]:
   """The [G, rows', T] fields and seq_index [B, K, T] of a batch; rows' = rows, or the next multiple of
   it when a group needs more (see the module docstring)."""
   b = len(seqs_per_example)
@@ -167,9 +165,9 @@ def pack_batch(seqs_per_example: Sequence[Sequence], k: int, mode: str, *, group
     raise ValueError(f"batch_size {b} is not divisible by config.data.pref_pack_groups={groups}")
   per = b // groups
   chunks = [seqs_per_example[g * per:(g + 1) * per] for g in range(groups)]
-  need = max(rows_needed(c, mode, seq_len) for c in chunks)
+  need = max(rows_needed(c, mode, row_len or seq_len) for c in chunks)
   rows = rows * -(-need // rows)
-  parts = [pack_group(c, k, mode, rows, seq_len, pad_id) for c in chunks]
+  parts = [pack_group(c, k, mode, rows, seq_len, pad_id, row_len) for c in chunks]
   batch = {f: np.stack([p[0][f] for p in parts]) for f in GROUP_FIELDS}
   if mode != "shared_prompt":
     del batch["prefix_ids"]

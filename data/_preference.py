@@ -482,7 +482,7 @@ def example_sequences(examples: Sequence[PreferenceExample], kind: str, *, seq_l
 
 def layout(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, list_size: int = 4,
            unpaired_kl: bool = True, pad_id: int = 0, packing: str = "none", pack_groups: int = 1,
-           pack_rows: int | None = None) -> dict[str, np.ndarray]:
+           pack_rows: int | None = None, pack_len: int | None = None) -> dict[str, np.ndarray]:
   """The [B, K, T] batch of `examples` (the module docstring lists the fields); with `packing` "packed" or
   "shared_prompt" the rows of `data._pref_packing` instead ([G, rows, T] and `seq_index` [B, K, T])."""
   k = num_sequences(kind, list_size, unpaired_kl)
@@ -500,10 +500,8 @@ def layout(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, li
     for i, seqs in enumerate(seqs_of):
       if max(len(s.tokens) for s in seqs) > seq_len:
         raise ValueError(f"example {i} has a sequence longer than seq_len {seq_len}")
-      if packing == "shared_prompt":
-        _pref_packing.check_fits(seqs, packing, seq_len, f"example {i}")
     batch = _pref_packing.pack_batch(seqs_of, k, packing, groups=pack_groups, rows=pack_rows or 1,
-                                     seq_len=seq_len, pad_id=pad_id)
+                                     seq_len=seq_len, pad_id=pad_id, row_len=pack_len)
   if kind == "listwise":
     batch["scores"] = np.zeros((b, k), np.float32)
     batch["list_mask"] = np.zeros((b, k), np.float32)
@@ -541,7 +539,7 @@ class PreferenceDataset(SFTDataset):
                seed: int = 0, train: bool = True, list_size: int = 4, unpaired_kl: bool = True,
                pad_id: int = 0, process_index: int = 0, process_count: int = 1,
                report: SkipReport | None = None, pref_packing: str = "none", pack_groups: int = 1,
-               pack_rows: int | None = None):
+               pack_rows: int | None = None, pack_len: int | None = None):
     # Not SFTDataset.__init__: its checks are about packed token lists; the stream reads what is set here.
     if kind not in KINDS:
       raise ValueError(f"unknown preference kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -568,29 +566,19 @@ class PreferenceDataset(SFTDataset):
     self._orders: dict[int, np.ndarray] = {}
     # Padding-free rows (`data._pref_packing`) for training; evaluation batches stay padded.
     self.pref_packing = _pref_packing.check_mode(pref_packing) if train else "none"
-    self.pack_groups, self.pack_rows = int(pack_groups), pack_rows
+    self.pack_groups, self.pack_rows, self.pack_len = int(pack_groups), pack_rows, pack_len
     if self.pref_packing != "none":
       self._check_packing()
 
   def _check_packing(self) -> None:
-    g, mode, T = self.pack_groups, self.pref_packing, self.seq_len
+    g, mode, T, L = self.pack_groups, self.pref_packing, self.seq_len, self.pack_len or self.seq_len
+    if L < T:
+      raise ValueError(f"config.data.pref_pack_len={L} must be >= seq_len {T} (a sequence fits one row)")
     if g < 1 or self.batch_size % g or g % self.process_count:
       raise ValueError(f"config.data.pref_pack_groups={g} must divide batch_size {self.batch_size} and be a "
                        f"multiple of process_count {self.process_count}")
     if self.pack_rows is not None and int(self.pack_rows) < 1:
       raise ValueError(f"config.data.pref_pack_rows={self.pack_rows} must be >= 1 (or None: automatic)")
-    if mode == "shared_prompt":
-      kl = self.kind == "unpaired" and self.unpaired_kl
-      # The KL completion of an unpaired example is another example's response after this prompt.
-      longest_response = max(len(e.seqs[0].tokens) - int(np.argmax(e.seqs[0].weights > 0)) for e in self.examples)
-      for i, e in enumerate(self.examples):
-        seqs = list(e.seqs)
-        if kl:
-          start = int(np.argmax(seqs[0].weights > 0))
-          n = min(T, start + longest_response)
-          seqs.append(Example(np.zeros(n, np.int32), np.r_[np.zeros(start), np.ones(n - start)]))
-          seqs[-1].tokens[:start] = seqs[0].tokens[:start]
-        _pref_packing.check_fits(seqs, mode, T, self.report.locate(i))
     if self.pack_rows is None:   # the most rows a group of the first epoch's batches needs
       from data._pipeline import _Stream   # pylint: disable=g-import-not-at-top
       need, per = 1, self.batch_size // g
@@ -599,7 +587,7 @@ class PreferenceDataset(SFTDataset):
         rows = [stream[j] for j in range(self.batch_size)]
         seqs_of = example_sequences(rows, self.kind, seq_len=T, list_size=self.list_size,
                                     unpaired_kl=self.unpaired_kl)
-        need = max([need] + [_pref_packing.rows_needed(seqs_of[q * per:(q + 1) * per], mode, T)
+        need = max([need] + [_pref_packing.rows_needed(seqs_of[q * per:(q + 1) * per], mode, L)
                              for q in range(g)])
       self.pack_rows = need
 
@@ -625,7 +613,7 @@ class PreferenceDataset(SFTDataset):
     rows += [self.examples[j % len(self.examples)] for j in range(self.batch_size - used)]
     batch = layout(rows, self.kind, seq_len=self.seq_len, list_size=self.list_size,
                    unpaired_kl=self.unpaired_kl, pad_id=self.pad_id, packing=self.pref_packing,
-                   pack_groups=self.pack_groups, pack_rows=self.pack_rows)
+                   pack_groups=self.pack_groups, pack_rows=self.pack_rows, pack_len=self.pack_len)
     batch["example_mask"][used:] = 0.0
     return batch, used
 
@@ -726,7 +714,8 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
                            train=train, list_size=cfg.list_size, unpaired_kl=cfg.unpaired_kl, pad_id=pad_id,
                            process_index=process_index, process_count=process_count,
                            report=PreferenceReport(report, dropped), pref_packing=cfg.pref_packing,
-                           pack_groups=cfg.pref_pack_groups, pack_rows=cfg.pref_pack_rows)
+                           pack_groups=cfg.pref_pack_groups, pack_rows=cfg.pref_pack_rows,
+                           pack_len=cfg.pref_pack_len)
 
 
 def preference_eval_examples(config, split: str, n: int | None = None) -> list[PreferenceRecord]:

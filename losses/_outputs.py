@@ -65,13 +65,13 @@ def last_positions(mask, segment_ids=None):
 
 def packed_view(batch):
   """(index [N, T] into the flattened rows, valid [N, T]) of a padding-free preference batch
-  (`data._pref_packing`): `seq_index` [B, K, T] counts slots within its group of `inputs` [G, R, T]."""
-  G, R, T = batch["inputs"].shape
+  (`data._pref_packing`): `seq_index` [B, K, T] counts slots within its group of `inputs` [G, R, L]."""
+  G, R, L = batch["inputs"].shape
   index = batch["seq_index"]
-  B = index.shape[0]
+  B, T = index.shape[0], index.shape[-1]
   valid = index >= 0
   group = jnp.arange(B, dtype=index.dtype) // (B // G)     # examples of group g are rows g*B/G ...
-  flat = jnp.where(valid, index + (group * (R * T))[:, None, None], 0)
+  flat = jnp.where(valid, index + (group * (R * L))[:, None, None], 0)
   return flat.reshape(-1, T), valid.reshape(-1, T)
 
 
@@ -100,6 +100,7 @@ def model_outputs(model, params, batch, needs=frozenset()) -> dict:
     logits, hidden, mask = view(logits), view(hidden), view(mask)
     stats = {k: view(v) for k, v in stats.items()}
     seg = valid.astype(jnp.int32)   # one segment per sequence, as in its padded row
+    T = index.shape[-1]
   else:
     lead = batch["inputs"].shape[:-1]
     seg = flat("segment_ids")

@@ -98,16 +98,18 @@ def test_rows_hold_several_examples_and_outputs_follow_their_example(tiny_model)
   fwd = jax.jit(lambda b: losses.model_outputs(model, params, b, needs))
   padded = fwd(_batch(examples, "pairwise", "none"))
   perm = np.random.default_rng(0).permutation(len(examples))
-  for mode in MODES:
-    batch = _batch(examples, "pairwise", mode, pack_groups=2)
+  for mode, pack_len in (("packed", None), ("shared_prompt", None), ("shared_prompt", T + 40)):
+    batch = _batch(examples, "pairwise", mode, pack_groups=2, pack_len=pack_len)
+    L = batch["inputs"].shape[-1]
+    assert L == (pack_len or T)
     index = np.asarray(batch["seq_index"])                     # [B, K, T]: group-local slot
-    rows_of = [{int(i) // T for i in index[b].ravel() if i >= 0} for b in range(len(examples))]
+    rows_of = [{int(i) // L for i in index[b].ravel() if i >= 0} for b in range(len(examples))]
     group = np.arange(len(examples)) // 4
     shared = [(g, r) for g in range(2) for r in range(batch["inputs"].shape[1])
               if sum((g, r) in {(group[b], x) for x in rows_of[b]} for b in range(len(examples))) > 1]
     assert shared, f"{mode}: no row holds two examples"
     got = fwd(batch)
-    got_perm = fwd(_batch([examples[i] for i in perm], "pairwise", mode, pack_groups=2))
+    got_perm = fwd(_batch([examples[i] for i in perm], "pairwise", mode, pack_groups=2, pack_len=pack_len))
     for key in ("logps", "lengths", "embeddings", "prompt_embeddings", "last_embeddings",
                 "prompt_last_embeddings", "last_logits"):
       np.testing.assert_allclose(got[key], padded[key], rtol=1e-5, atol=1e-5, err_msg=f"{mode} {key}")
@@ -181,15 +183,22 @@ def test_bad_input_names_the_option():
   with pytest.raises(ValueError, match="pref_pack_groups=3"):
     data.get_dataset(_cfg("pairwise", pref_packing="packed", pref_pack_groups=3), "train", tokenizer=TOK,
                      batch_size=8, seq_len=T)
-  # A pair whose prompt and two completions do not fit one row: shared_prompt cannot place it.
-  records = [{"prompt": "p" * 10, "chosen": "c" * 12, "rejected": "r" * 12}]
-  cfg = _cfg("pairwise", source="builtin")
-  fields = data._preference.Fields.from_config(cfg)
-  rec, _ = data.record_preference(records[0], "pairwise", fields)
+  rec, _ = data.record_preference({"prompt": "p" * 10, "chosen": "c" * 12, "rejected": "r" * 12}, "pairwise",
+                                  data._preference.Fields())
   ex, _ = data.encode_preference(rec, TOK, "pairwise", seq_len=28, max_prompt_len=None, max_response_len=None,
                                  truncate=True, allow_identical=False)
-  with pytest.raises(ValueError, match="pref_packing='shared_prompt'"):
-    data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="shared_prompt")
+  with pytest.raises(ValueError, match="pref_pack_len=20"):      # a row shorter than a sequence
+    data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="packed", pack_len=20)
+  with pytest.raises(ValueError, match="pref_pack_rows=0"):
+    data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="packed", pack_rows=0)
+  # Prompt + two completions (10 + 14 + 14 = 38 slots) exceed a 28-slot row: the pair is packed as two
+  # sequences, without sharing; with 40-slot rows it shares its prompt.
+  one = data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="shared_prompt")
+  b = next(iter(one))
+  assert b["inputs"].shape == (1, 2, 28) and not b["prefix_ids"].any()
+  b = next(iter(data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28,
+                                       pref_packing="shared_prompt", pack_len=40)))
+  assert b["inputs"].shape == (1, 1, 40) and b["prefix_ids"].any()
   data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="packed")   # fits
 
 
