@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.truncate = True          # cut responses to fit seq_len; False: such records are invalid
   c.skip_invalid = False     # False: the first invalid record raises; True: skip and count per reason
   c.packing = "first_fit"    # first_fit | greedy | none (one example per row); True/False also work
-  # Preference data (`data._preference`): [B, K, T] batches, one padded row per sequence, never packed.
+  # Preference data (`data._preference`): [B, K, T] batches, one padded row per sequence (or pref_packing).
   c.pref_kind = _ph(str)  # None (SFT) | pairwise | unpaired | listwise
   c.chosen_field = "chosen"          # pairwise: batch index 0
   c.rejected_field = "rejected"      # pairwise: batch index 1

@@ -24,7 +24,8 @@ Other formats (UltraFeedback, HH-RLHF, TRL's implicit prompt, ...) are turned in
 
 **Batch.** Each response becomes the SFT example `bos + prompt + response + eos` (`data._sft.assemble`:
 bos and the end as the checkpoint makes them, loss on the response and its end only) in a padded row of
-its own, never packed. As in TRL's DPO, `prompt + response` is tokenized whole for each response and the
+its own (with `pref_packing` "packed" or "shared_prompt", training batches pack them into shared rows
+instead: `data._pref_packing`). As in TRL's DPO, `prompt + response` is tokenized whole for each response and the
 responses start after the shortest common prefix of the prompt's own tokens with each of them:
 
     inputs, targets, loss_mask, positions, segment_ids  [B, K, T]  as SFT rows: segment 1, positions from 0

@@ -3,7 +3,8 @@
     policy = losses.model_outputs(model, params, batch, needs=entry.needs_for(config.loss))
 
 `model` is anything with `apply(params, tokens, positions, segment_ids, return_hidden=True)` (a
-`models.Decoder`; `input_embeddings(params)` too for the "token_embeddings" need); this module imports no
+`models.Decoder`; `input_embeddings(params)` too for the "token_embeddings" need, `prefix_ids=` for
+shared-prompt batches of `data._pref_packing`); this module imports no
 model code, so losses, diagnostics and the trainer all use it.
 Unless a loss needs the full `logits`, `losses._chunked.head_outputs` computes the log-probs, logZ and
 log sum p^2 in tiles (the model's `logits_chunk`), never holding the [B, T, V] float32 logits.

@@ -119,6 +119,20 @@ def test_rows_hold_several_examples_and_outputs_follow_their_example(tiny_model)
                                rtol=1e-5, atol=1e-6)
 
 
+def test_unpaired_and_listwise_sequences_give_the_padded_log_probs(tiny_model):
+  """KTO's mismatched KL sequence (made per batch) and list padding, in both packed layouts."""
+  model, params = tiny_model()
+  fwd = jax.jit(lambda bs: [losses.model_outputs(model, params, b) for b in bs])
+  for kind in ("unpaired", "listwise"):
+    examples = _examples(kind, n=4)
+    if kind == "listwise":
+      examples[1] = examples[1]._replace(seqs=examples[1].seqs[:2], scores=examples[1].scores[:2])
+    outs = fwd([_batch(examples, kind, mode) for mode in ("none",) + MODES])
+    for mode, got in zip(MODES, outs[1:]):
+      np.testing.assert_array_equal(got["lengths"], outs[0]["lengths"])
+      np.testing.assert_allclose(got["logps"], outs[0]["logps"], rtol=1e-5, err_msg=f"{kind} {mode}")
+
+
 def test_shared_prompt_layout_of_the_worked_example():
   fields = data._preference.Fields()
   rec, _ = data.record_preference({"prompt": "a", "chosen": "xy", "rejected": "y"}, "pairwise", fields)
@@ -202,6 +216,7 @@ def test_bad_input_names_the_option():
   data.PreferenceDataset([ex], kind="pairwise", batch_size=1, seq_len=28, pref_packing="packed")   # fits
 
 
+@pytest.mark.slow
 def test_trainer_runs_with_shared_prompt_packing_and_accumulation(tmp_path):
   import train_lib
   from train_lib import validate
