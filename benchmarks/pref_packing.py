@@ -74,7 +74,7 @@ def builtin(config, mode: str, train_size: int, pack_len: int | None = None):
     dc.pref_pack_len = pack_len
   tok = data.get_tokenizer(dc)
   return data.get_dataset(dc, "train", tokenizer=tok, batch_size=config.batch_size, seq_len=int(config.seq_len),
-                          seed=0)
+                          seed=0, packed_preferences=True)
 
 
 def main():

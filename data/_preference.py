@@ -637,6 +637,7 @@ def preference_config(config):
                      "prompt messages in prompt_field and each response as one assistant message")
   if cfg.pref_kind == "listwise" and cfg.list_size < 2:
     raise ValueError(f"list_size must be >= 2 for listwise data, got {cfg.list_size}")
+  _pref_packing.check_mode(cfg.pref_packing)
   if cfg.list_to_pairs is not None:
     if cfg.list_to_pairs not in LIST_TO_PAIRS:
       raise ValueError(f"list_to_pairs={cfg.list_to_pairs!r}; valid: None, {', '.join(LIST_TO_PAIRS)}")
@@ -683,9 +684,12 @@ def record_reader(cfg, source, tokenizer=None) -> Callable[[Any], tuple[Preferen
 
 def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
                            train: bool | None = None, process_index: int = 0,
-                           process_count: int = 1) -> PreferenceDataset:
+                           process_count: int = 1, packed: bool = False) -> PreferenceDataset:
   """[B, K, T] preference batches of a split: endless and shuffled when `train` (default: split
-  "train..."), else one pass in order. Every record is read, checked and tokenized here, once."""
+  "train..."), else one pass in order. Every record is read, checked and tokenized here, once.
+
+  `packed`: lay training batches out per `config.pref_packing` (the trainer's training stream); other
+  readers of the split (calibration, selection statistics, evaluation) keep the padded rows."""
   cfg = preference_config(config)
   train = split.startswith("train") if train is None else train
   source = _config.make_source(cfg, split)
@@ -714,7 +718,8 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
   return PreferenceDataset(examples, kind=kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
                            train=train, list_size=cfg.list_size, unpaired_kl=cfg.unpaired_kl, pad_id=pad_id,
                            process_index=process_index, process_count=process_count,
-                           report=PreferenceReport(report, dropped), pref_packing=cfg.pref_packing,
+                           report=PreferenceReport(report, dropped),
+                           pref_packing=cfg.pref_packing if packed else "none",
                            pack_groups=cfg.pref_pack_groups, pack_rows=cfg.pref_pack_rows,
                            pack_len=cfg.pref_pack_len)
 
