@@ -224,7 +224,7 @@ def test_bad_input_names_the_option():
 
 
 @pytest.mark.slow
-def test_trainer_runs_with_shared_prompt_packing_and_accumulation(tmp_path):
+def test_trainer_with_shared_prompts_and_accumulation_follows_the_padded_run(tmp_path):
   import train_lib
   from train_lib import validate
   config = dpo.get_config("model=tiny,smoke")
@@ -239,10 +239,16 @@ def test_trainer_runs_with_shared_prompt_packing_and_accumulation(tmp_path):
   bad.data.pref_packing, bad.data.pref_pack_groups, bad.optim.grad_accum_steps = "packed", 1, 2
   with pytest.raises(validate.ConfigError, match="pref_pack_groups=1"):
     validate.validate(bad)
-  train_lib.train_and_evaluate(config, str(tmp_path))
-  recs = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
-  train = [r for r in recs if "padding_fraction" in r]
+  train_lib.train_and_evaluate(config, str(tmp_path / "packed"))
+  base = config.copy_and_resolve_references()
+  base.data.pref_packing = "none"
+  train_lib.train_and_evaluate(base, str(tmp_path / "padded"))
+  read = lambda d: [r for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "padding_fraction" in r]
+  train, train_padded = read("packed"), read("padded")
   assert len(train) == 3 and all(np.isfinite(r["loss"]) for r in train)
+  # The same LoRA DPO run, step for step (gradient accumulation over the two groups of each batch).
+  np.testing.assert_allclose([r["loss"] for r in train], [r["loss"] for r in train_padded], rtol=1e-5)
+  np.testing.assert_allclose([r["grad_norm"] for r in train], [r["grad_norm"] for r in train_padded], rtol=1e-4)
   # The logged padding is that of the shared-prompt batches, well below the padded batches' of the same stream.
   tok = data.get_tokenizer(config.data)
   fraction = lambda b: 1.0 - np.count_nonzero(b["segment_ids"]) / b["segment_ids"].size
