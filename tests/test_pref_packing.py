@@ -120,14 +120,18 @@ def test_rows_hold_several_examples_and_outputs_follow_their_example(tiny_model)
 
 
 def test_unpaired_and_listwise_sequences_give_the_padded_log_probs(tiny_model):
-  """KTO's mismatched KL sequence (made per batch) and list padding, in both packed layouts."""
+  """KTO's mismatched KL sequence (made per batch) and list padding, in both packed layouts; pairs under a
+  sliding window, which counts positions (a shared prompt sits before its completions' siblings)."""
   model, params = tiny_model()
   fwd = jax.jit(lambda bs: [losses.model_outputs(model, params, b) for b in bs])
-  for kind in ("unpaired", "listwise"):
+  window, window_params = tiny_model(sliding_window=6)
+  window_fwd = jax.jit(lambda bs: [losses.model_outputs(window, window_params, b) for b in bs])
+  for kind in ("unpaired", "listwise", "window"):
+    fwd_kind, kind = (window_fwd, "pairwise") if kind == "window" else (fwd, kind)
     examples = _examples(kind, n=4)
     if kind == "listwise":
       examples[1] = examples[1]._replace(seqs=examples[1].seqs[:2], scores=examples[1].scores[:2])
-    outs = fwd([_batch(examples, kind, mode) for mode in ("none",) + MODES])
+    outs = fwd_kind([_batch(examples, kind, mode) for mode in ("none",) + MODES])
     for mode, got in zip(MODES, outs[1:]):
       np.testing.assert_array_equal(got["lengths"], outs[0]["lengths"])
       np.testing.assert_allclose(got["logps"], outs[0]["logps"], rtol=1e-5, err_msg=f"{kind} {mode}")
