@@ -105,6 +105,7 @@ import numpy as np
 from data import _config
 from data import _formats
 from data import _packing
+from data import _pipeline
 from data import _pref_packing
 from data import _sft
 from data._pipeline import SFTDataset
@@ -581,10 +582,9 @@ class PreferenceDataset(SFTDataset):
     if self.pack_rows is not None and int(self.pack_rows) < 1:
       raise ValueError(f"config.data.pref_pack_rows={self.pack_rows} must be >= 1 (or None: automatic)")
     if self.pack_rows is None:   # the most rows a group of the first epoch's batches needs
-      from data._pipeline import _Stream   # pylint: disable=g-import-not-at-top
       need, per = 1, self.batch_size // g
       for start in range(0, len(self.examples), self.batch_size):
-        stream = _Stream(self, 0, start)
+        stream = _pipeline._Stream(self, 0, start)   # pylint: disable=protected-access
         rows = [stream[j] for j in range(self.batch_size)]
         seqs_of = example_sequences(rows, self.kind, seq_len=T, list_size=self.list_size,
                                     unpaired_kl=self.unpaired_kl)
