@@ -96,13 +96,13 @@ def item_sizes(seqs: Sequence, mode: str, row_len: int) -> list[int]:
   return [n for n, _ in _items(seqs, mode, row_len)]
 
 
-def _first_fit(sizes: Sequence[int], seq_len: int) -> tuple[list[int], int]:
+def _first_fit(sizes: Sequence[int], row_len: int) -> tuple[list[int], int]:
   """First-fit decreasing: (row of each item, rows used)."""
   fill: list[int] = []
   where = [0] * len(sizes)
   for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):   # stable: ties keep stream order
     for r, f in enumerate(fill):
-      if f + sizes[i] <= seq_len:
+      if f + sizes[i] <= row_len:
         break
     else:
       r = len(fill)
@@ -122,13 +122,13 @@ def pack_group(seqs_per_example: Sequence[Sequence], k: int, mode: str, rows: in
                pad_id: int = 0, row_len: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """(rows [rows, L] fields with prefix_ids, seq_index [n, k, seq_len]) of one group of examples; L = row_len
   (default seq_len)."""
-  T = row_len or seq_len
-  items = [(e, it) for e, seqs in enumerate(seqs_per_example) for it in _items(seqs, mode, T)]
-  where, used = _first_fit([n for _, (n, _) in items], T)
+  L = row_len or seq_len
+  items = [(e, it) for e, seqs in enumerate(seqs_per_example) for it in _items(seqs, mode, L)]
+  where, used = _first_fit([n for _, (n, _) in items], L)
   if used > rows:
     raise ValueError(f"a group needs {used} rows > {rows} (config.data.pref_pack_rows)")
-  out = _packing.empty_batch(rows, T, pad_id)
-  out["prefix_ids"] = np.zeros((rows, T), np.int32)
+  out = _packing.empty_batch(rows, L, pad_id)
+  out["prefix_ids"] = np.zeros((rows, L), np.int32)
   index = np.full((len(seqs_per_example), k, seq_len), -1, np.int32)
   fill, segs = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
   for i in sorted(range(len(items)), key=lambda i: (where[i], -items[i][1][0])):   # row by row, FFD order
@@ -145,7 +145,7 @@ def pack_group(seqs_per_example: Sequence[Sequence], k: int, mode: str, rows: in
       out["loss_mask"][r, s:s + m - 1] = weights[1:]
       out["positions"][r, s:s + m] = np.arange(b, end, dtype=np.int32)
       out["segment_ids"][r, s:s + m] = segs[r]
-      slots = r * T + s + np.arange(m, dtype=np.int32)
+      slots = r * L + s + np.arange(m, dtype=np.int32)
       if kk < 0:   # the shared prompt: every completion of the example reads its slots
         prompt_seg = int(segs[r])
         index[e, :len(seqs_per_example[e]), :m] = slots
@@ -158,7 +158,7 @@ def pack_group(seqs_per_example: Sequence[Sequence], k: int, mode: str, rows: in
 
 def pack_batch(seqs_per_example: Sequence[Sequence], k: int, mode: str, *, groups: int, rows: int,
                seq_len: int, pad_id: int = 0, row_len: int | None = None) -> dict[str, np.ndarray]:
-  """The [G, rows', T] fields and seq_index [B, K, T] of a batch; rows' = rows, or the next multiple of
+  """The [G, rows', L] fields and seq_index [B, K, T] of a batch; rows' = rows, or the next multiple of
   it when a group needs more (see the module docstring)."""
   b = len(seqs_per_example)
   if b % groups:
