@@ -11,12 +11,8 @@ blocks (not lm_head), AdamW, every layer rematerialised; DPO's B sequences are B
 reference forward. One JSON line per (size, mode, vocab, chunk); `--markdown FILE...` prints the table of
 such lines instead.
 
-XLA:CPU multiplies bf16 by converting to float32, and its loop-invariant code motion then hoists the
-conversion of the whole head [D, V] out of the tile loop: a float32 copy of W that GPUs and TPUs (native
-bf16 matmuls) do not make. `XLA_FLAGS=--xla_disable_hlo_passes=while-loop-invariant-code-motion` measures
-without that CPU-only copy (for both columns); the `xla_flags` field records which.
-
-    XLA_FLAGS=--xla_disable_hlo_passes=while-loop-invariant-code-motion python benchmarks/vocab_memory.py
+A bf16 head is tiled by a switch over static slices (losses/_chunked.weight_tile): XLA:CPU would otherwise
+convert the whole head to float32 for its dynamic slices and hoist that copy out of the tile loop.
 """
 from __future__ import annotations
 

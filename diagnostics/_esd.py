@@ -159,6 +159,15 @@ class EsdRecord:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("metrics", "config")}
     return {**d, **self.metrics, "config": self.config.to_dict()}
 
+  @classmethod
+  def from_dict(cls, d: Mapping) -> "EsdRecord":
+    """The record `to_dict` wrote (also after a JSON round trip: lists back to tuples)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"metrics", "config"}
+    fields = {k: d[k] for k in names}
+    fields["shape"] = tuple(fields["shape"])
+    metrics = {k: v for k, v in d.items() if k not in names and k != "config"}
+    return cls(**fields, metrics=metrics, config=EsdConfig.make(d["config"]))
+
 
 # ---------------------------------------------------------------------------------------------------
 # Spectra

@@ -11,7 +11,10 @@ A `HostHook` may
   * `observe(step, state, frozen, batch) -> metrics`: every `every` steps, after the batch is fetched and
     before the step runs, measure something without changing anything (gradient entanglement).
 A hook that writes trained values into the frozen tree sets `mutates_frozen`, and the trainer checkpoints
-that tree. Hooks run in `order` (then registration order).
+that tree. A hook whose later refreshes depend on host-side values it computed earlier (TempBalance's last
+spectral fit) returns them from `state() -> dict` (JSON values); the trainer saves them with every
+checkpoint and hands them to `load_state(dict)` on resume, so a resumed run refreshes as the uninterrupted
+one. Hooks run in `order` (then registration order).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ class HostHook(NamedTuple):
   refresh: Optional[Callable] = None             # (step, state, frozen, tx) -> (state, frozen[, metrics])
   mutates_frozen: bool = False
   observe: Optional[Callable] = None             # (step, state, frozen, batch) -> metrics
+  state: Optional[Callable] = None               # () -> dict of JSON values, saved with each checkpoint
+  load_state: Optional[Callable] = None          # (dict) -> None, on resume, before the first refresh
 
 
 class _Entry(NamedTuple):

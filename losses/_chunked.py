@@ -16,8 +16,9 @@ logsumexp over vocabulary tiles (a running max m, and sum exp(z - m), sum exp(z 
 rescaled when m grows), so it keeps [N] numbers per statistic. The backward pass recomputes each tile from h
 and W, forms dL/dz from the saved per-token statistics with the formulas above, and accumulates dh = dz W^T
 and dW = h^T dz tile by tile. Temporaries are a tile plus [N] statistics and dh [N, D]: flat in the
-vocabulary. (XLA:CPU, which has no bf16 matmul, hoists one float32 copy of a bf16 W out of the tile loop; GPUs
-and TPUs do not. See benchmarks/results/vocab_memory.md.)
+vocabulary. (A 16-bit W is tiled by a switch over static slices: XLA:CPU computes a bf16 dynamic slice by
+converting the whole operand to float32, a [D, V] copy it hoists out of the loop; see
+benchmarks/results/vocab_memory.md.)
 
 Tiles have a fixed shape. The last tile of an axis that the chunk does not divide is shifted back to end at the
 axis' end (no padded copy of W or h is made), and the entries it shares with the tile before are masked out.
@@ -50,15 +51,28 @@ def _logits(hb, wb, vocab_axis: int, softcap: Optional[float]):
   return softcap * t, 1.0 - t * t      # z and dz/da
 
 
+def weight_tile(w, j, tile: int, axis: int):
+  """Tile j of W along `axis` (the last tile shifted back to end at the axis' end)."""
+  V = w.shape[axis]
+  n = -(-V // tile)
+  if jnp.dtype(w.dtype).itemsize < 4 and n > 1:
+    # A 16-bit W: XLA:CPU computes a dynamic slice of bf16 in float32 by converting the whole operand, and
+    # hoists that [D, V] float32 copy out of the loop. A switch over static slices (one branch per tile)
+    # converts one tile at a time; the tiles are the same.
+    static = lambda k: (lambda x: jax.lax.slice_in_dim(x, min(k * tile, V - tile), min(k * tile, V - tile) + tile,
+                                                       axis=axis))
+    return jax.lax.switch(j, [static(k) for k in range(n)], w)
+  return jax.lax.dynamic_slice_in_dim(w, _start(j, tile, V), tile, axis)
+
+
 @functools.lru_cache(maxsize=None)
 def _make(token_tile: int, vocab_tile: int, vocab_axis: int, softcap: Optional[float], want: tuple):
   """The custom-gradient function for one static configuration. `want`: which of entropy / log_sum_sq."""
   want_h, want_s = "entropy" in want, "log_sum_sq" in want
 
   def w_tile(w, j, V):
-    start = _start(j, vocab_tile, V)
-    cols = start + jnp.arange(vocab_tile)
-    return jax.lax.dynamic_slice_in_dim(w, start, vocab_tile, vocab_axis), cols, cols >= j * vocab_tile
+    cols = _start(j, vocab_tile, V) + jnp.arange(vocab_tile)
+    return weight_tile(w, j, vocab_tile, vocab_axis), cols, cols >= j * vocab_tile
 
   def h_tile(x, i, N):
     start = _start(i, token_tile, N)

@@ -128,9 +128,21 @@ def resolve(cfg) -> ml_collections.ConfigDict:
 _NO_DECAY_SUFFIX = ":no_decay"
 
 
+def _decay_section(name: str, cfg) -> str | None:
+  """The config section whose `weight_decay` optimizer `name` applies: its own, or, for a wrapper with an
+  `inner` optimizer (HFT), the inner one's; None for an optimizer that does not decay."""
+  opts = _registry.options(name)
+  if "weight_decay" in opts:
+    return name
+  if "inner" in opts:
+    return _decay_section(cfg[name].get("inner") or opts["inner"][0], cfg)
+  return None
+
+
 def _decay_of(name: str, cfg) -> float:
   """The weight decay optimizer `name` applies (0 for one without the option)."""
-  return float(cfg[name].get("weight_decay") or 0.0) if "weight_decay" in _registry.options(name) else 0.0
+  section = _decay_section(name, cfg)
+  return float(cfg[section].get("weight_decay") or 0.0) if section else 0.0
 
 
 def decay_labels(params, cfg) -> Any:
@@ -155,7 +167,7 @@ def _build(label: str, schedule, cfg) -> optax.GradientTransformation:
     return _registry.build(label, schedule, cfg)
   name = label[:-len(_NO_DECAY_SUFFIX)]
   sections = ml_collections.ConfigDict(cfg.to_dict())
-  sections[name].weight_decay = 0.0
+  sections[_decay_section(name, cfg)].weight_decay = 0.0
   return _registry.build(name, schedule, sections)
 
 

@@ -559,9 +559,9 @@ def _esd_refresh_hook(config, model) -> hooks.HostHook:
 
   The multipliers follow Model Balancing's trainer: from the latest fit (or, `fix_tb_metric`, the fit of
   W_0), 1 until the step after `config.optim.warmup_steps` (`after_warm`), and under layer sampling the
-  slots take their current blocks' multipliers after every redraw (alphas are fitted on all blocks). A
-  resumed run keeps the checkpointed multipliers; the schedule behind them is not saved, so a redraw or the
-  end of warm-up before the next fit maps a fit of the weights at the resume step.
+  slots take their current blocks' multipliers after every redraw (alphas are fitted on all blocks). The
+  latest fit is saved with each checkpoint (`state` / `load_state`), so a resumed run maps the same fit at
+  a redraw or at the end of warm-up as the uninterrupted run, and fits again at the same steps.
   """
   run = RunConfig.from_config(config.tempbalance)
   mapping = run.mapping
@@ -621,4 +621,17 @@ def _esd_refresh_hook(config, model) -> hooks.HostHook:
       cache["written"] = key
     return state, frozen, metrics
 
-  return hooks.HostHook(every=every, init_params=init_params, refresh=refresh)
+  def state():
+    records = cache["records"]
+    plain = lambda x: x.item() if isinstance(x, (np.generic, np.ndarray)) and np.ndim(x) == 0 else x
+    dicts = None if records is None else [
+        {k: (plain(v) if k != "config" else v) for k, v in r.to_dict().items()} for r in records]
+    return {"records": dicts, "version": cache["version"]}
+
+  def load_state(saved):
+    if saved.get("records") is not None:
+      cache["records"] = [diagnostics.EsdRecord.from_dict(r) for r in saved["records"]]
+      cache["version"] = int(saved.get("version", 0))
+
+  return hooks.HostHook(every=every, init_params=init_params, refresh=refresh, state=state,
+                        load_state=load_state)

@@ -6,6 +6,7 @@ Public surface:
   split(params) / combine(t, f) trainable and frozen parts (None placeholders keep the structure)
   merge(params) / strip(params) fold adapters into plain weights / drop them (the reference model)
   register_adapter(name)        add an adapter (see peft/ADDING_AN_ADAPTER.md)
+  register_data_init(name)      add an init computed from calibration batches (EVA, LoRA-GA; peft/_data_init.py)
   regularizer(params)           the adapters' loss terms (AdaLoRA's orthogonality, SoRA's gate L1); None if none
   export_adapter / import_adapter   HF PEFT adapter directories
   sample_layers / resample      the slot nodes of layer sampling (LISA, OwLore); the sampling is `optim`'s
@@ -17,6 +18,8 @@ from peft._node import (AdapterSpec, adapter_names, adapter_node, get_adapter, i
 from peft._targets import HF_MODULES, kernel_paths, match_targets, target_regex
 from peft._apply import apply, apply_config, check_config, default_config, residual_to_lora, with_dropout_rng
 from peft._init import init_names, register_init
+from peft._data_init import (Calibration, data_init_defaults, data_init_names, get_data_init, is_data_init,
+                             register_data_init)
 from peft._quant import QuantizedWeight, float_weight, like_base, nbytes, quantize_array, quantize_params
 from peft._lora import LoRA
 from peft._dora import DoRA

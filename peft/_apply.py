@@ -36,6 +36,7 @@ import ml_collections
 
 from peft import _init
 from peft._core import is_adapter, map_with_path
+from peft._data_init import data_init_defaults
 from peft._lora import LoRA
 from peft._node import AdapterSpec, get_adapter, adapter_names
 from peft._quant import KINDS, QuantizedWeight, float_weight, like_base, quantize_params
@@ -156,9 +157,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.dropout = spec.dropout             # dropout on the adapter path's input (needs with_dropout_rng per step)
   c.init = spec.init                   # default (Kaiming-uniform A, B = 0) | gaussian | pissa |
                                        # pissa_niter_<k> (randomised SVD, k iterations) | olora | eva | lora_ga
-  # init = eva | lora_ga: the calibration that the trainer's `data_init` host hook runs before step 0
-  c.data_init = ml_collections.ConfigDict(dict(batches=8, eva_rho=2.0, eva_tau=0.99, eva_whiten=False,
-                                               lora_ga_gamma=16.0))
+                                       # | any `peft.data_init_names()`
+  # a data-driven init's calibration, run by the trainer's `data_init` host hook before step 0: `batches`
+  # and each registered init's options (their defaults are the `register_data_init` calls')
+  c.data_init = ml_collections.ConfigDict(data_init_defaults())
   c.dtype = spec.dtype                 # of the trainable adapter parts
   c.quantize = ml_collections.config_dict.placeholder(str)  # None | nf4 | int8: storage of the frozen base
   c.quant_block_size = 64              # values per absmax scale

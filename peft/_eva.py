@@ -23,9 +23,11 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 import losses
 from peft._core import Adapter, dot, is_adapter, map_with_path
+from peft._data_init import Calibration, register_data_init
 from peft._node import adapter_node, static_field
 
 _MASK: list = []   # the token mask [B, T] of the batch being captured (a trace-time value)
@@ -146,3 +148,13 @@ def eva_init(params, forward: Callable, batches: Iterable[dict], *, rho: float =
     return node.replace(a=a, b=b)
 
   return map_with_path(put, params, is_leaf=is_adapter), ranks
+
+
+@register_data_init("eva", defaults=dict(eva_rho=2.0, eva_tau=0.99, eva_whiten=False))
+def eva_from_calibration(params, calib: Calibration, opts: dict):
+  """The `data_init` entry: EVA on the calibration batches, counting `token_mask` tokens (PEFT's label mask)."""
+  batches = [dict(b, eva_mask=b["token_mask"]) for b in calib.batches]
+  params, ranks = eva_init(params, calib.forward, batches, rho=float(opts["eva_rho"]),
+                           tau=float(opts["eva_tau"]), whiten=bool(opts["eva_whiten"]))
+  logging.info("EVA ranks: %s", {f"{p}[{i}]": r for (p, i), r in ranks.items()})
+  return params

@@ -9,8 +9,8 @@ w [in, out]; `init_factors` vmaps it over stacked layers. w_res, when returned, 
                    W_res = W - s A B   (Meng et al., 2024, "PiSSA", arXiv:2404.02948)
   pissa_niter_<k>  the same from a randomised SVD with k subspace iterations (Halko et al., 2011;
                    torch.svd_lowrank with q = r, as PEFT calls it)
-  eva, lora_ga     the default here; replaced from calibration batches by the `data_init` host hook
-                   (peft/_eva.py, peft/_loraga.py)
+  eva, lora_ga, .. the default here (every data-driven init registered with `peft.register_data_init`);
+                   replaced from calibration batches by the `data_init` host hook (peft/_data_init.py)
   olora            QR of the torch weight W^T = Q R: lora_B = Q[:, :r], lora_A = R[:r]; in our layout
                    A = R[:r]^T, B = Q[:, :r]^T; W_res = W - s A B   (Büyükakyüz, 2024, "OLoRA",
                    arXiv:2406.01775)
@@ -84,11 +84,10 @@ def default(w, rank, scale, rng):
   return a, jnp.zeros((rank, w.shape[1]), jnp.float32), None
 
 
-@register_init("eva")
-@register_init("lora_ga")
 def data_driven(w, rank, scale, rng):
-  """Placeholder of the data-driven inits (peft/_eva.py, peft/_loraga.py): the default factors, which the
-  trainer's `data_init` host hook (train_lib/data_init.py) replaces from calibration batches before the first step."""
+  """Placeholder of the data-driven inits (registered by `peft.register_data_init`): the default factors,
+  which the trainer's `data_init` host hook (train_lib/data_init.py) replaces from calibration batches before
+  the first step."""
   return default(w, rank, scale, rng)
 
 

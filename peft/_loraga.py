@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from peft._core import is_adapter, map_with_path
+from peft._data_init import Calibration, register_data_init
 from peft._quant import float_weight, like_base
 
 
@@ -70,3 +71,9 @@ def lora_ga_init(params, loss_fn: Callable, batches: Iterable[dict], *, gamma: f
                         base=like_base(node.base, un(res)))
 
   return map_with_path(put, params, is_leaf=is_adapter)
+
+
+@register_data_init("lora_ga", defaults=dict(lora_ga_gamma=16.0), mutates_base=True)
+def lora_ga_from_calibration(params, calib: Calibration, opts: dict):
+  """The `data_init` entry: the gradient of the run's loss, averaged over the calibration batches."""
+  return lora_ga_init(params, calib.loss_fn, calib.batches, gamma=float(opts["lora_ga_gamma"]))

@@ -13,7 +13,7 @@ import pytest
 import losses
 import models
 import peft
-from losses._chunked import token_stats
+from losses._chunked import token_stats, weight_tile
 
 RTOL = 1e-5
 ALL = ("logp", "logz", "entropy", "log_sum_sq")
@@ -70,6 +70,34 @@ def test_token_stats_frozen_weight_and_jit():
   _close(f(h), jax.grad(lambda h: _reference_stats(h, w, y)["logp"].sum())(h))
   with pytest.raises(ValueError, match="unknown statistics"):
     token_stats(h, w, y, chunk=3, want=("logits",))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_weight_tile_is_the_slice(dtype, axis):
+  """Tile j of W (a switch over static slices for 16-bit W, a dynamic slice otherwise) is W's columns (or rows)
+  [j t, j t + t), the last tile shifted back to end at V = 37 (t = 5 divides it not)."""
+  V, t = 37, 5
+  w = jnp.arange(V * 3, dtype=jnp.float32).reshape((3, V) if axis == 1 else (V, 3)).astype(dtype)
+  tiles = jax.jit(lambda w: jnp.stack([weight_tile(w, jnp.int32(j), t, axis) for j in range(-(-V // t))]))(w)
+  for j in range(-(-V // t)):
+    start = min(j * t, V - t)
+    np.testing.assert_array_equal(np.asarray(tiles[j]), np.asarray(jax.lax.slice_in_dim(w, start, start + t, axis=axis)))
+
+
+def test_bf16_head_temporaries_flat_in_vocabulary():
+  """The compiled temporaries of a bf16 tiled head's value and gradient do not grow with V (XLA:CPU once
+  hoisted a float32 copy of the whole W out of the tile loop: 16 MiB at V = 65536 here, 16x a tile)."""
+  N, D, chunk = 1024, 64, 1024
+
+  def temp(V):   # a frozen head, as in a LoRA step: no dW [D, V] among the outputs
+    f = jax.jit(jax.grad(lambda h, w, y: token_stats(h, w, y, chunk=chunk)["logp"].sum()))
+    c = f.lower(jax.ShapeDtypeStruct((N, D), jnp.bfloat16), jax.ShapeDtypeStruct((D, V), jnp.bfloat16),
+                jax.ShapeDtypeStruct((N,), jnp.int32)).compile()
+    return c.memory_analysis().temp_size_in_bytes
+
+  small, large = temp(8 * chunk), temp(64 * chunk)
+  assert large <= 1.25 * small, (small, large)
 
 
 # ---- the model path ---------------------------------------------------------------------------------------

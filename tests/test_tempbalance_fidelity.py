@@ -303,8 +303,9 @@ def test_wd_variant_needs_a_decoupled_decay():
 # ---------------------------------------------------------------------------------------------------
 # 4. The weight-decay mask of the factory
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["adamw", "galore"])
+@pytest.mark.parametrize("name", ["adamw", "galore", "hft"])
 def test_weight_decay_mask_spares_norms_and_biases(name):
+  """`optim.no_decay` holds for every optimizer that decays, HFT's inner one included."""
   rng = np.random.default_rng(0)
   params = {"embed": {"embedding": jnp.asarray(rng.standard_normal((20, 16)), jnp.float32)},
             "layers": {"attn": {"q_proj": {"kernel": jnp.asarray(rng.standard_normal((2, 16, 16)), jnp.float32),
@@ -313,7 +314,7 @@ def test_weight_decay_mask_spares_norms_and_biases(name):
             "final_norm": {"scale": jnp.asarray(rng.standard_normal(16), jnp.float32)}}
   cfg = optim.default_config()
   cfg.name, cfg.warmup_steps, cfg.schedule, cfg.grad_clip_norm = name, 0, "constant", 0.0
-  cfg[name].weight_decay = 0.1
+  cfg["adamw" if name == "hft" else name].weight_decay = 0.1    # HFT decays through its inner AdamW
   if name == "galore":
     cfg.galore.rank = 4
   zeros = jax.tree.map(jnp.zeros_like, params)

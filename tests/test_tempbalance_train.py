@@ -93,3 +93,27 @@ def test_tempbalance_composes_with_galore_in_the_trainer(tmp_path):
                if isinstance(s, optim.ScaleByLayerwiseLrState)]
   f = np.concatenate([np.ravel(x) for x in jax.tree.leaves(lr_states[0])])
   assert f.min() < 0.99 and f.max() > 1.01    # the back-projected GaLore updates are scaled per layer
+
+
+def test_resumed_run_maps_the_same_fit_as_the_uninterrupted_one(tmp_path):
+  """A run resumed between two ESD fits (fits at steps 0 and 4, resumed at 6) restores the last fit from the
+  checkpoint: the multipliers it writes on resume, and so the final weights, equal the uninterrupted run's.
+  (Without the saved fit, the resumed run fitted the weights of step 6 instead of step 4's.)"""
+  import shutil  # pylint: disable=g-import-not-at-top
+  config = sft.get_config("model=tiny,smoke")
+  config.model.overrides = ml_collections.ConfigDict(dict(hidden_size=96, intermediate_size=160))
+  config.tempbalance.enabled = True
+  config.tempbalance.esd_interval = 4
+  config.tempbalance.eigs_thresh = 16
+  config.tempbalance.esd_preset = "model_balancing"
+  # Multipliers of 1 until the step after warm-up: the hook runs every step, the resumed one included.
+  config.tempbalance.after_warm, config.optim.warmup_steps = True, 2
+  config.total_steps, config.checkpoint_every_steps, config.keep_checkpoints = 8, 6, 3
+  config.async_checkpoints, config.eval_before, config.eval.num_examples = False, False, 0
+  full = train_lib.train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(os.path.join(tmp_path, "checkpoints", "8"))
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert resumed["resumed_from"] == 6
+  a, b = peft.flatten(jax.device_get(full["state"].params)), peft.flatten(jax.device_get(resumed["state"].params))
+  for k in a:
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)

@@ -51,6 +51,22 @@ def test_two_processes_then_eight_devices_on_another_mesh_equal_one_device(tmp_p
 
 
 @pytest.mark.slow
+def test_sigkill_of_one_process_then_restart_of_both_resumes_exactly(tmp_path):
+  """2 processes x 4 devices; one is SIGKILLed after checkpoint 8 (the other is then killed, as a scheduler
+  would); both restarted resume from the last committed checkpoint and end equal to an uninterrupted
+  1-device run (losses and parameters)."""
+  common = {"total_steps": 24, "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_before": False,
+            "eval.num_examples": 0, "async_checkpoints": True}
+  multi = {**common, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  one = _run(tmp_path, "one", {**common, "mesh.data": 1})
+  train_runner.kill_one_process_after_checkpoint(SMOKE, tmp_path / "multi", tmp_path / "multi.npz", multi, step=8)
+  resumed = train_runner.run_processes(SMOKE, tmp_path / "multi", tmp_path / "multi.npz", multi)
+  assert 8 <= int(resumed["resumed_from"]) < 24 and int(resumed["processes"]) == 2
+  np.testing.assert_allclose(resumed["losses"][-1], one["losses"][-1], rtol=2e-5)
+  _assert_same_params(_params(resumed), _params(one), rtol=2e-4)
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   common = {"total_steps": 40, "checkpoint_every_steps": 4, "log_every_steps": 4, "eval_before": False,
             "eval.num_examples": 0, "async_checkpoints": True}

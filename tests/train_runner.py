@@ -55,19 +55,24 @@ def run(spec: str, workdir, out, overrides: dict, devices: int = 1) -> dict:
     return dict(f)
 
 
-def run_processes(spec: str, workdir, out, overrides: dict, processes: int = 2, devices: int = 4,
-                  timeout: float = 900) -> dict:
-  """Runs a config as `processes` JAX processes of `devices` CPU devices each, joined through
-  `jax.distributed` on 127.0.0.1 (CPU collectives over gloo); process 0 writes `out`."""
+def _start_processes(spec: str, workdir, out, overrides: dict, processes: int, devices: int, **popen):
   import socket   # pylint: disable=g-import-not-at-top
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-  procs = [subprocess.Popen([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(env(devices), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                     JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)))
-           for i in range(processes)]
+  return [subprocess.Popen([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
+                           cwd=ROOT, env=dict(env(devices), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                              JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)),
+                           **popen)
+          for i in range(processes)]
+
+
+def run_processes(spec: str, workdir, out, overrides: dict, processes: int = 2, devices: int = 4,
+                  timeout: float = 900) -> dict:
+  """Runs a config as `processes` JAX processes of `devices` CPU devices each, joined through
+  `jax.distributed` on 127.0.0.1 (CPU collectives over gloo); process 0 writes `out`."""
+  procs = _start_processes(spec, workdir, out, overrides, processes, devices, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
   logs = [p.communicate(timeout=timeout)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
     # Without XLA's native stack frames and gloo's connection lines, the Python error shows.
@@ -77,20 +82,46 @@ def run_processes(spec: str, workdir, out, overrides: dict, processes: int = 2, 
     return dict(f)
 
 
-def kill_after_checkpoint(spec: str, workdir, out, overrides: dict, step: int, timeout: float = 600) -> None:
-  """Starts a run and SIGKILLs it as soon as checkpoint `step` is committed (orbax renames it into place)."""
-  proc = subprocess.Popen([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
-                          cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _wait_for_checkpoint(workdir, step: int, procs, timeout: float) -> None:
+  """Returns as soon as checkpoint `step` is committed (orbax renames it into place)."""
   ckpts = os.path.join(str(workdir), "checkpoints")
   deadline = time.time() + timeout
-  while time.time() < deadline and proc.poll() is None:
+  while time.time() < deadline and all(p.poll() is None for p in procs):
     done = os.path.isdir(os.path.join(ckpts, str(step)))
     if done and not any(n.startswith(f"{step}.") for n in os.listdir(ckpts)):
-      break
+      return
     time.sleep(0.05)
-  assert proc.poll() is None, "the run finished before it could be killed"
+  assert all(p.poll() is None for p in procs), "the run finished (or failed) before it could be killed"
+  raise AssertionError(f"no checkpoint {step} within {timeout} s")
+
+
+def kill_after_checkpoint(spec: str, workdir, out, overrides: dict, step: int, timeout: float = 600) -> None:
+  """Starts a run and SIGKILLs it as soon as checkpoint `step` is committed."""
+  proc = subprocess.Popen([sys.executable, __file__, spec, str(workdir), str(out), json.dumps(overrides)],
+                          cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for_checkpoint(workdir, step, [proc], timeout)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  assert not os.path.exists(out), "a killed run must not have written its results"
+
+
+def kill_one_process_after_checkpoint(spec: str, workdir, out, overrides: dict, step: int, victim: int = 1,
+                                      processes: int = 2, devices: int = 4, timeout: float = 600) -> None:
+  """Starts a multi-process run and SIGKILLs process `victim` as soon as checkpoint `step` is committed;
+  the others, left waiting on collectives with a dead peer, are then killed too, as a cluster scheduler
+  ends a job one of whose tasks died."""
+  procs = _start_processes(spec, workdir, out, overrides, processes, devices, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    _wait_for_checkpoint(workdir, step, procs, timeout)
+    procs[victim].send_signal(signal.SIGKILL)
+    procs[victim].wait()
+    time.sleep(1.0)        # the survivors run on into the dead peer (a collective, a save) before their end
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+      p.wait()
   assert not os.path.exists(out), "a killed run must not have written its results"
 
 

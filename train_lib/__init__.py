@@ -8,5 +8,5 @@ from train_lib.generation import generate
 from train_lib.tasks import TASKS, register_task, run_task
 from train_lib import preselect as _preselect  # noqa: F401  (registers the preselect task)
 from train_lib.train import TrainState, model_outputs, train_and_evaluate, train_step
-from train_lib import data_init as _data_init  # noqa: F401  (registers the eva / lora_ga init hook)
+from train_lib import data_init as _data_init  # noqa: F401  (registers the data-driven init hook)
 from train_lib.validate import ConfigError, UserError

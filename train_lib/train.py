@@ -277,6 +277,10 @@ def _train(config, workdir: str) -> dict:
       frozen = restored_frozen
     carry = data_state.pop("loss_carry", carry)
     metrics_offset = data_state.pop("metrics_offset", None)
+    hook_states = data_state.pop("hooks", {})
+    for name, hook in run_hooks:
+      if hook.load_state is not None and name in hook_states:
+        hook.load_state(hook_states[name])
     train_iter.set_state(data_state)
   start = int(state.step)
   resumed_from = start if restored is not None else None
@@ -377,7 +381,9 @@ def _train(config, workdir: str) -> dict:
     if done % int(config.get("checkpoint_every_steps", 1000)) == 0 or done == total_steps:
       flush_pending()
       writer.flush()     # TensorBoard holds everything up to the checkpoint
-      ckpt.save(done, state, {**train_iter.get_state(), "loss_carry": carry, "metrics_offset": writer.offset()},
+      hook_states = {name: hook.state() for name, hook in run_hooks if hook.state is not None}
+      ckpt.save(done, state, {**train_iter.get_state(), "loss_carry": carry, "metrics_offset": writer.offset(),
+                              "hooks": hook_states},
                 force=done == total_steps, frozen=frozen if save_frozen else None)
 
   flush_pending()
