@@ -107,7 +107,8 @@ def main():
            f"{a.train_size} examples per set). *Slots* are the token positions the model runs per step "
            "(rows x T); *real* are those holding a token (a shared prompt counts once); *sequence tokens* are "
            "the tokens of the B x K sequences (what the padded layout calls real). Rows per group: automatic "
-           "(the most the first epoch needs), one group.", "",
+           "(the most the first epoch needs), one group. Host ms: median time to make a batch (Python, on "
+           "a shared, loaded CPU: indicative only).", "",
            "| data | shape | layout | rows/step (needed: mean, max) | slots/step | real tokens/step | "
            "sequence tokens/step | padding | slots vs padded | host ms/batch |",
            "|---|---|---|---|---|---|---|---|---|---|"]
