@@ -262,3 +262,25 @@ def test_trainer_with_shared_prompts_and_accumulation_follows_the_padded_run(tmp
   for r in train:
     want, before = fraction(next(packed)), fraction(next(padded))
     assert abs(r["padding_fraction"] - want) < 1e-6 and want < before - 0.1, (r["padding_fraction"], want, before)
+
+
+@pytest.mark.slow
+def test_two_processes_with_packed_groups_equal_one_padded_device(tmp_path):
+  """2 JAX processes x 2 CPU devices (mesh data 4): each process keeps its groups of packed rows and its
+  examples (`local_rows`), the rows are sharded by group; losses and LoRA parameters equal a 1-device
+  padded run."""
+  from tests import train_runner
+  spec = "configs/dpo.py:model=tiny,smoke"
+  common = {"total_steps": 4, "eval_before": False, "eval.num_examples": 0, "eval.num_loss_batches": 0,
+            "log_every_steps": 1, "optim.warmup_steps": 0}
+  one = train_runner.run(spec, tmp_path / "one", tmp_path / "one.npz", {**common, "mesh.data": 1})
+  multi = train_runner.run_processes(spec, tmp_path / "multi", tmp_path / "multi.npz",
+                                     {**common, "mesh.data": 4, "data.pref_packing": "packed",
+                                      "data.pref_pack_groups": 4}, processes=2, devices=2)
+  assert int(multi["processes"]) == 2 and int(multi["devices"]) == 4
+  np.testing.assert_allclose(multi["losses"], one["losses"], rtol=2e-5)
+  keys = [k for k in one if k.startswith("param/")]
+  assert keys and sorted(keys) == sorted(k for k in multi if k.startswith("param/"))
+  for k in keys:
+    np.testing.assert_allclose(multi[k], one[k], rtol=2e-4, atol=2e-6, err_msg=k)
+  assert len(set(np.round(one["losses"], 6))) > 1     # the loss moved: the steps trained something
