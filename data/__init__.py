@@ -36,7 +36,7 @@ Built-in tasks (digit strings with exact answers) are the `synthetic` package.
 Modules: `_sources` record sources, `_formats` dataset formats ->
 canonical records, `_turns` which text carries the loss, `_sft` text -> tokens and validation, `_packing`
 rows, `_pipeline` iterator, `_config` the config and sources, `_dataset` entry points,
-`_preference` preference records -> [B, K, T] batches;
+`_preference` preference records -> [B, K, T] batches, `_pref_packing` their padding-free rows (`pref_packing`);
 `_tokenizers` and `_chat` hold the HF / SentencePiece tokenizers and chat templates (imported lazily).
 """
 from data._config import PREF_KINDS, SOURCES, default_config, get_tokenizer, make_source, split_files

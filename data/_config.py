@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.truncate = True          # cut responses to fit seq_len; False: such records are invalid
   c.skip_invalid = False     # False: the first invalid record raises; True: skip and count per reason
   c.packing = "first_fit"    # first_fit | greedy | none (one example per row); True/False also work
-  # Preference data (`data._preference`): [B, K, T] batches, one padded row per sequence, never packed.
+  # Preference data (`data._preference`): [B, K, T] batches, one padded row per sequence (or pref_packing).
   c.pref_kind = _ph(str)  # None (SFT) | pairwise | unpaired | listwise
   c.chosen_field = "chosen"          # pairwise: batch index 0
   c.rejected_field = "rejected"      # pairwise: batch index 1
@@ -90,6 +90,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.unpaired_kl = True               # unpaired: K = 2, index 1 = the prompt with the previous example's
                                      # completion (KTO's KL estimate); False: K = 1
   c.desirable_fraction = 0.5         # builtin unpaired: share of correct completions
+  # Padding-free training batches (`data._pref_packing`; evaluation stays padded): none (one padded row per
+  # sequence) | packed (sequences packed into rows, gathered back per sequence by the loss) | shared_prompt
+  # (also the prompt stored once per example, the completions attending to it through the mask).
+  c.pref_packing = "none"
+  c.pref_pack_groups = 1             # independent packing groups per batch: a multiple of grad_accum_steps,
+                                     # of the processes and of the data-parallel devices
+  c.pref_pack_rows = _ph(int)        # rows per group; None: the most the first epoch needs (more: next multiple)
+  c.pref_pack_len = _ph(int)         # slots per packed row; None: seq_len (a shared prompt + its K completions
+                                     # must fit one row)
   return c
 
 

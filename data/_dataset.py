@@ -42,16 +42,17 @@ def sft_encoder(cfg, tokenizer, fmt: str, *, seq_len: int) -> Callable[[Any], _s
 
 def get_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
                 train: bool | None = None, process_index: int = 0,
-                process_count: int = 1) -> SFTDataset:
+                process_count: int = 1, packed_preferences: bool = False) -> SFTDataset:
   """Packed SFT batches of a split: endless and shuffled when `train` (default: split "train..."),
   else one pass in order. Every record is read, checked and tokenized here, once.
 
-  With `config.pref_kind` set, the preference batches of `data.get_preference_dataset` instead."""
+  With `config.pref_kind` set, the preference batches of `data.get_preference_dataset` instead
+  (`packed_preferences`: its `packed`, padding-free rows per `config.pref_packing`; the trainer's stream)."""
   cfg = _config.resolve(config)
   if cfg.pref_kind:
     return _preference.get_preference_dataset(cfg, split, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len,
                                   seed=seed, train=train, process_index=process_index,
-                                  process_count=process_count)
+                                  process_count=process_count, packed=packed_preferences)
   train = _config.is_train(split) if train is None else train
   source = _config.make_source(cfg, split)
   encode = sft_encoder(cfg, tokenizer, _config.record_format(cfg, source), seq_len=seq_len)

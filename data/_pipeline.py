@@ -66,9 +66,7 @@ class BatchIterator:
       self.epoch, self.position = self.epoch + q // len(ds.examples), q % len(ds.examples)
     else:
       self.position += used
-    rows = ds.batch_size // ds.process_count
-    lo = ds.process_index * rows
-    return {k: v[lo:lo + rows] for k, v in batch.items()}
+    return ds.local_rows(batch)
 
   def get_state(self) -> dict:
     """JSON-serialisable position in the stream."""
@@ -139,6 +137,12 @@ class SFTDataset:
       for j in range(used):
         batch["aligned_logps"][j, 0] = stream[j].aligned_logps
     return batch, used
+
+  def local_rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's `batch_size / process_count` rows of a global batch."""
+    rows = self.batch_size // self.process_count
+    lo = self.process_index * rows
+    return {k: v[lo:lo + rows] for k, v in batch.items()}
 
   def __iter__(self) -> BatchIterator:
     return BatchIterator(self)

@@ -24,7 +24,8 @@ Other formats (UltraFeedback, HH-RLHF, TRL's implicit prompt, ...) are turned in
 
 **Batch.** Each response becomes the SFT example `bos + prompt + response + eos` (`data._sft.assemble`:
 bos and the end as the checkpoint makes them, loss on the response and its end only) in a padded row of
-its own, never packed. As in TRL's DPO, `prompt + response` is tokenized whole for each response and the
+its own (with `pref_packing` "packed" or "shared_prompt", training batches pack them into shared rows
+instead: `data._pref_packing`). As in TRL's DPO, `prompt + response` is tokenized whole for each response and the
 responses start after the shortest common prefix of the prompt's own tokens with each of them:
 
     inputs, targets, loss_mask, positions, segment_ids  [B, K, T]  as SFT rows: segment 1, positions from 0
@@ -104,6 +105,8 @@ import numpy as np
 from data import _config
 from data import _formats
 from data import _packing
+from data import _pipeline
+from data import _pref_packing
 from data import _sft
 from data._pipeline import SFTDataset
 from data._sft import Example, SkipReport
@@ -464,23 +467,43 @@ def num_sequences(kind: str, list_size: int = 4, unpaired_kl: bool = True) -> in
   return {"pairwise": 2, "unpaired": 2 if unpaired_kl else 1, "listwise": list_size}[kind]
 
 
-def layout(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, list_size: int = 4,
-           unpaired_kl: bool = True, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """The [B, K, T] batch of `examples` (the module docstring lists the fields)."""
+def example_sequences(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, list_size: int = 4,
+                      unpaired_kl: bool = True) -> list[list[Example]]:
+  """The sequences of each example in batch order (unpaired: + the mismatched KL sequence)."""
   k = num_sequences(kind, list_size, unpaired_kl)
-  b = len(examples)
-  parts = []
+  out = []
   for i, ex in enumerate(examples):
     seqs = list(ex.seqs)
     if kind == "unpaired" and unpaired_kl:
       seqs.append(_mismatched(ex.seqs[0], examples[i - 1].seqs[0], seq_len))
     if len(seqs) > k:
       raise ValueError(f"example {i} has {len(seqs)} sequences > K = {k}")
-    part, used = _packing.pack(seqs, k, seq_len, mode="none", pad_id=pad_id)
-    if used != len(seqs):
-      raise ValueError(f"example {i} has a sequence longer than seq_len {seq_len}")
-    parts.append(part)
-  batch = {f: np.stack([p[f] for p in parts]) for f in _packing.FIELDS}
+    out.append(seqs)
+  return out
+
+
+def layout(examples: Sequence[PreferenceExample], kind: str, *, seq_len: int, list_size: int = 4,
+           unpaired_kl: bool = True, pad_id: int = 0, packing: str = "none", pack_groups: int = 1,
+           pack_rows: int | None = None, pack_len: int | None = None) -> dict[str, np.ndarray]:
+  """The [B, K, T] batch of `examples` (the module docstring lists the fields); with `packing` "packed" or
+  "shared_prompt" the rows of `data._pref_packing` instead ([G, rows, T] and `seq_index` [B, K, T])."""
+  k = num_sequences(kind, list_size, unpaired_kl)
+  b = len(examples)
+  seqs_of = example_sequences(examples, kind, seq_len=seq_len, list_size=list_size, unpaired_kl=unpaired_kl)
+  if _pref_packing.check_mode(packing) == "none":
+    parts = []
+    for i, seqs in enumerate(seqs_of):
+      part, used = _packing.pack(seqs, k, seq_len, mode="none", pad_id=pad_id)
+      if used != len(seqs):
+        raise ValueError(f"example {i} has a sequence longer than seq_len {seq_len}")
+      parts.append(part)
+    batch = {f: np.stack([p[f] for p in parts]) for f in _packing.FIELDS}
+  else:
+    for i, seqs in enumerate(seqs_of):
+      if max(len(s.tokens) for s in seqs) > seq_len:
+        raise ValueError(f"example {i} has a sequence longer than seq_len {seq_len}")
+    batch = _pref_packing.pack_batch(seqs_of, k, packing, groups=pack_groups, rows=pack_rows or 1,
+                                     seq_len=seq_len, pad_id=pad_id, row_len=pack_len)
   if kind == "listwise":
     batch["scores"] = np.zeros((b, k), np.float32)
     batch["list_mask"] = np.zeros((b, k), np.float32)
@@ -517,7 +540,8 @@ class PreferenceDataset(SFTDataset):
   def __init__(self, examples: Sequence[PreferenceExample], *, kind: str, batch_size: int, seq_len: int,
                seed: int = 0, train: bool = True, list_size: int = 4, unpaired_kl: bool = True,
                pad_id: int = 0, process_index: int = 0, process_count: int = 1,
-               report: SkipReport | None = None):
+               report: SkipReport | None = None, pref_packing: str = "none", pack_groups: int = 1,
+               pack_rows: int | None = None, pack_len: int | None = None):
     # Not SFTDataset.__init__: its checks are about packed token lists; the stream reads what is set here.
     if kind not in KINDS:
       raise ValueError(f"unknown preference kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -542,6 +566,42 @@ class PreferenceDataset(SFTDataset):
     self.process_index, self.process_count = process_index, process_count
     self.report = report if report is not None else PreferenceReport()
     self._orders: dict[int, np.ndarray] = {}
+    # Padding-free rows (`data._pref_packing`) for training; evaluation batches stay padded.
+    self.pref_packing = _pref_packing.check_mode(pref_packing) if train else "none"
+    self.pack_groups, self.pack_rows, self.pack_len = int(pack_groups), pack_rows, pack_len
+    if self.pref_packing != "none":
+      self._check_packing()
+
+  def _check_packing(self) -> None:
+    g, mode, T, L = self.pack_groups, self.pref_packing, self.seq_len, self.pack_len or self.seq_len
+    if L < T:
+      raise ValueError(f"config.data.pref_pack_len={L} must be >= seq_len {T} (a sequence fits one row)")
+    if g < 1 or self.batch_size % g or g % self.process_count:
+      raise ValueError(f"config.data.pref_pack_groups={g} must divide batch_size {self.batch_size} and be a "
+                       f"multiple of process_count {self.process_count}")
+    if self.pack_rows is not None and int(self.pack_rows) < 1:
+      raise ValueError(f"config.data.pref_pack_rows={self.pack_rows} must be >= 1 (or None: automatic)")
+    if self.pack_rows is None:   # the most rows a group of the first epoch's batches needs
+      need, per = 1, self.batch_size // g
+      for start in range(0, len(self.examples), self.batch_size):
+        stream = _pipeline._Stream(self, 0, start)   # pylint: disable=protected-access
+        rows = [stream[j] for j in range(self.batch_size)]
+        seqs_of = example_sequences(rows, self.kind, seq_len=T, list_size=self.list_size,
+                                    unpaired_kl=self.unpaired_kl)
+        need = max([need] + [_pref_packing.rows_needed(seqs_of[q * per:(q + 1) * per], mode, L)
+                             for q in range(g)])
+      self.pack_rows = need
+
+  def local_rows(self, batch: dict) -> dict:
+    """This process's part of a global batch: its examples, and with packing its groups."""
+    if self.pref_packing == "none":
+      return super().local_rows(batch)
+    out = {}
+    for k, v in batch.items():
+      n = self.pack_groups if k in _pref_packing.GROUP_FIELDS else self.batch_size
+      rows = n // self.process_count
+      out[k] = v[self.process_index * rows:(self.process_index + 1) * rows]
+    return out
 
   def make_batch(self, stream) -> tuple[dict[str, np.ndarray], int]:
     rows = []
@@ -553,7 +613,8 @@ class PreferenceDataset(SFTDataset):
     used = len(rows)
     rows += [self.examples[j % len(self.examples)] for j in range(self.batch_size - used)]
     batch = layout(rows, self.kind, seq_len=self.seq_len, list_size=self.list_size,
-                   unpaired_kl=self.unpaired_kl, pad_id=self.pad_id)
+                   unpaired_kl=self.unpaired_kl, pad_id=self.pad_id, packing=self.pref_packing,
+                   pack_groups=self.pack_groups, pack_rows=self.pack_rows, pack_len=self.pack_len)
     batch["example_mask"][used:] = 0.0
     return batch, used
 
@@ -576,6 +637,7 @@ def preference_config(config):
                      "prompt messages in prompt_field and each response as one assistant message")
   if cfg.pref_kind == "listwise" and cfg.list_size < 2:
     raise ValueError(f"list_size must be >= 2 for listwise data, got {cfg.list_size}")
+  _pref_packing.check_mode(cfg.pref_packing)
   if cfg.list_to_pairs is not None:
     if cfg.list_to_pairs not in LIST_TO_PAIRS:
       raise ValueError(f"list_to_pairs={cfg.list_to_pairs!r}; valid: None, {', '.join(LIST_TO_PAIRS)}")
@@ -622,9 +684,12 @@ def record_reader(cfg, source, tokenizer=None) -> Callable[[Any], tuple[Preferen
 
 def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
                            train: bool | None = None, process_index: int = 0,
-                           process_count: int = 1) -> PreferenceDataset:
+                           process_count: int = 1, packed: bool = False) -> PreferenceDataset:
   """[B, K, T] preference batches of a split: endless and shuffled when `train` (default: split
-  "train..."), else one pass in order. Every record is read, checked and tokenized here, once."""
+  "train..."), else one pass in order. Every record is read, checked and tokenized here, once.
+
+  `packed`: lay training batches out per `config.pref_packing` (the trainer's training stream); other
+  readers of the split (calibration, selection statistics, evaluation) keep the padded rows."""
   cfg = preference_config(config)
   train = split.startswith("train") if train is None else train
   source = _config.make_source(cfg, split)
@@ -653,7 +718,10 @@ def get_preference_dataset(config, split: str, *, tokenizer, batch_size: int, se
   return PreferenceDataset(examples, kind=kind, batch_size=batch_size, seq_len=seq_len, seed=seed,
                            train=train, list_size=cfg.list_size, unpaired_kl=cfg.unpaired_kl, pad_id=pad_id,
                            process_index=process_index, process_count=process_count,
-                           report=PreferenceReport(report, dropped))
+                           report=PreferenceReport(report, dropped),
+                           pref_packing=cfg.pref_packing if packed else "none",
+                           pack_groups=cfg.pref_pack_groups, pack_rows=cfg.pref_pack_rows,
+                           pack_len=cfg.pref_pack_len)
 
 
 def preference_eval_examples(config, split: str, n: int | None = None) -> list[PreferenceRecord]:

@@ -211,7 +211,7 @@ def token_stats(hidden, w, targets, *, chunk: int, vocab_axis: int = 1, softcap:
   return fn(hidden, w, targets.astype(jnp.int32))
 
 
-def head_outputs(model, params, tokens, positions, segment_ids, targets, needs):
+def head_outputs(model, params, tokens, positions, segment_ids, targets, needs, prefix_ids=None):
   """(logits, hidden, stats) of [N, T] rows for `losses.model_outputs`.
 
   stats holds logp and logz [N, T] (and log_sum_sq when "log_sum_sq_probs" is needed). With the model's
@@ -223,13 +223,15 @@ def head_outputs(model, params, tokens, positions, segment_ids, targets, needs):
   head = (model.output_head(params) if chunk and "logits" not in needs and hasattr(model, "output_head")
           else None)
   want = ("logp", "logz") + (("log_sum_sq",) if "log_sum_sq_probs" in needs else ())
+  # Shared-prompt rows (`data._pref_packing`) pass prefix_ids; other models need not know the argument.
+  extra = {} if prefix_ids is None else {"prefix_ids": prefix_ids}
   if head is not None:
-    _, hidden = model.apply(params, tokens, positions, segment_ids, return_hidden=True, head=False)
+    _, hidden = model.apply(params, tokens, positions, segment_ids, return_hidden=True, head=False, **extra)
     N, T, D = hidden.shape
     stats = token_stats(hidden.reshape(N * T, D), head[0], targets.reshape(-1), chunk=chunk,
                         vocab_axis=head[1], want=want)
     return None, hidden, {k: v.reshape(N, T) for k, v in stats.items()}
-  logits, hidden = model.apply(params, tokens, positions, segment_ids, return_hidden=True)
+  logits, hidden = model.apply(params, tokens, positions, segment_ids, return_hidden=True, **extra)
   logits = logits.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -3,7 +3,8 @@
     policy = losses.model_outputs(model, params, batch, needs=entry.needs_for(config.loss))
 
 `model` is anything with `apply(params, tokens, positions, segment_ids, return_hidden=True)` (a
-`models.Decoder`; `input_embeddings(params)` too for the "token_embeddings" need); this module imports no
+`models.Decoder`; `input_embeddings(params)` too for the "token_embeddings" need, `prefix_ids=` for
+shared-prompt batches of `data._pref_packing`); this module imports no
 model code, so losses, diagnostics and the trainer all use it.
 Unless a loss needs the full `logits`, `losses._chunked.head_outputs` computes the log-probs, logZ and
 log sum p^2 in tiles (the model's `logits_chunk`), never holding the [B, T, V] float32 logits.
@@ -63,17 +64,48 @@ def last_positions(mask, segment_ids=None):
   return first_loss, jnp.maximum(last_real, 0)
 
 
+def packed_view(batch):
+  """(index [N, T] into the flattened rows, valid [N, T]) of a padding-free preference batch
+  (`data._pref_packing`): `seq_index` [B, K, T] counts slots within its group of `inputs` [G, R, L]."""
+  G, R, L = batch["inputs"].shape
+  index = batch["seq_index"]
+  B, T = index.shape[0], index.shape[-1]
+  valid = index >= 0
+  group = jnp.arange(B, dtype=index.dtype) // (B // G)     # examples of group g are rows g*B/G ...
+  flat = jnp.where(valid, index + (group * (R * L))[:, None, None], 0)
+  return flat.reshape(-1, T), valid.reshape(-1, T)
+
+
 def model_outputs(model, params, batch, needs=frozenset()) -> dict:
-  """The `losses.Outputs` dict for a [B, K, T] batch: one forward pass over all B*K sequences."""
-  lead, T = batch["inputs"].shape[:-1], batch["inputs"].shape[-1]
+  """The `losses.Outputs` dict for a [B, K, T] batch: one forward pass over all B*K sequences.
+
+  A padding-free batch (with `seq_index`, `data._pref_packing`) runs the model over its packed rows and
+  gathers each per-token quantity back into the [B*K, T] view of the padded batch (zero where a
+  sequence has no token), so every output below, and every loss, is the padded batch's."""
+  T = batch["inputs"].shape[-1]
   flat = lambda k: batch[k].reshape(-1, T) if batch.get(k) is not None else None
   # Without segment ids (unpacked, unpadded rows) the model takes the plain causal path (cuDNN flash).
   # logits: [N, T, V] float32, or None when the head was applied in tiles (then `stats` holds the rest).
   logits, hidden, stats = head_outputs(model, params, flat("inputs"), flat("positions"), flat("segment_ids"),
-                                       flat("targets"), needs)
-  logz, token_logps = stats["logz"], stats["logp"]
+                                       flat("targets"), needs, prefix_ids=flat("prefix_ids"))
   mask = flat("loss_mask").astype(jnp.float32)
-  seg = flat("segment_ids")
+  if "seq_index" in batch:
+    lead = batch["seq_index"].shape[:-1]
+    index, valid = packed_view(batch)
+
+    def view(x):   # [rows, T, ...] -> [B*K, T, ...]; the gather's gradient scatters back to the rows
+      if x is None:
+        return None
+      got = x.reshape((-1,) + x.shape[2:])[index]
+      return jnp.where(valid.reshape(valid.shape + (1,) * (got.ndim - 2)), got, jnp.zeros((), got.dtype))
+    logits, hidden, mask = view(logits), view(hidden), view(mask)
+    stats = {k: view(v) for k, v in stats.items()}
+    seg = valid.astype(jnp.int32)   # one segment per sequence, as in its padded row
+    T = index.shape[-1]
+  else:
+    lead = batch["inputs"].shape[:-1]
+    seg = flat("segment_ids")
+  logz, token_logps = stats["logz"], stats["logp"]
   out = {"token_logps": token_logps, "mask": mask, "logps": (token_logps * mask).sum(-1),
          "lengths": mask.sum(-1)}
   if "logz" in needs:

@@ -92,10 +92,18 @@ def apply_rope(x, positions, inv_freq):
   return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
-def attention_mask(q_slots, q_seg, k_slots, k_seg, sliding_window: Optional[int]):
-  """[B, 1, Tq, Tk] boolean: causal by slot, same non-padding segment, optional sliding window."""
+def attention_mask(q_slots, q_seg, k_slots, k_seg, sliding_window: Optional[int], q_prefix=None,
+                   q_pos=None, k_pos=None):
+  """[B, 1, Tq, Tk] boolean: causal by slot, same non-padding segment, optional sliding window.
+
+  `q_prefix` [B, Tq] (shared-prompt packing): a query also sees the keys of segment q_prefix (its prompt,
+  earlier in the row; 0 = none). The window then counts RoPE positions (`q_pos`, `k_pos`), since sibling
+  completions sit between a completion and its prompt."""
   causal = k_slots[:, None, :] <= q_slots[:, :, None]
   same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  if q_prefix is not None:
+    same |= (q_prefix[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    q_slots, k_slots = q_pos, k_pos
   mask = causal & same
   if sliding_window is not None:
     mask &= q_slots[:, :, None] - k_slots[:, None, :] < sliding_window
@@ -233,7 +241,8 @@ class Decoder:
 
   def apply(self, params: Params, tokens: jax.Array, positions: Optional[jax.Array] = None,
             segment_ids: Optional[jax.Array] = None, *, cache: Optional[Cache] = None,
-            return_hidden: bool = False, capture_inputs: bool = False, head: bool = True):
+            return_hidden: bool = False, capture_inputs: bool = False, head: bool = True,
+            prefix_ids: Optional[jax.Array] = None):
     """Logits [B, T, V] in the compute dtype (float32 by default).
 
     Args:
@@ -246,6 +255,8 @@ class Decoder:
         inputs of the linear layers (names attn_in, o_proj_in, mlp_in, down_proj_in), for calibration.
       head: False skips the output head: None stands in for the logits (the chunked losses read `hidden`
         and `output_head`).
+      prefix_ids: [B, T] with `segment_ids`, no cache: the segment each token also attends to (a shared
+        prompt, `data._pref_packing`), 0 for none; default None: segments only.
     Returns:
       logits, then hidden / cache / captured statistics, each only when asked for.
     """
@@ -258,6 +269,8 @@ class Decoder:
     plain_causal = segment_ids is None and cache is None
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
+    if prefix_ids is not None and (cache is not None or plain_causal):
+      raise ValueError("prefix_ids needs segment_ids and no cache")
     if cache is not None:
       k_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32), start, 1)
       k_slots = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32), k_seg.shape)
@@ -265,7 +278,8 @@ class Decoder:
     elif plain_causal:
       mask = None
     else:
-      mask = attention_mask(slots, segment_ids, slots, segment_ids, c.sliding_window)
+      mask = attention_mask(slots, segment_ids, slots, segment_ids, c.sliding_window, prefix_ids, positions,
+                            positions)
 
     x = self.embed(params, tokens)
 

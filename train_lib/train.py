@@ -259,9 +259,10 @@ def _train(config, workdir: str) -> dict:
   # ---- data and checkpoint ----------------------------------------------------------------------------
   seq_len = int(config.seq_len)
   # Each process reads and packs every batch but keeps only its rows (`distributed.global_batch`).
+  # Preference batches are padding-free here when config.data.pref_packing asks (data/_pref_packing.py).
   train_ds = data_lib.get_dataset(config.data, "train", tokenizer=tokenizer, batch_size=config.batch_size,
                                   seq_len=seq_len, seed=config.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), packed_preferences=True)
   train_iter = iter(train_ds)
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 2),
                                async_save=config.get("async_checkpoints", True))

@@ -162,3 +162,12 @@ def validate(config, num_devices: int | None = None, check_files: bool = True) -
          f"(mesh data x fsdp)")
   _check((config.batch_size // accum) % max(dp, 1) == 0 or accum == 1,
          f"each micro-batch ({config.batch_size // accum}) must be divisible by the data-parallel size {dp}")
+  if config.data.get("pref_packing", "none") != "none":    # padding-free preference rows: [G, rows, T]
+    _check(bool(config.data.get("pref_kind")), f"config.data.pref_packing={config.data.pref_packing!r} packs "
+           f"preference batches; config.data.pref_kind is not set (SFT rows use config.data.packing)")
+    groups = int(config.data.get("pref_pack_groups", 1))
+    _check(groups >= 1 and config.batch_size % groups == 0 and groups % accum == 0
+           and (groups // accum) % max(dp, 1) == 0 and groups % jax.process_count() == 0,
+           f"config.data.pref_pack_groups={groups} must divide config.batch_size={config.batch_size} and be a "
+           f"multiple of config.optim.grad_accum_steps={accum} times the data-parallel size {dp} and of the "
+           f"{jax.process_count()} processes (each micro-batch and device takes whole groups)")
