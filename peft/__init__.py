@@ -40,4 +40,6 @@ from peft._increlora import RESERVE_E as increlora_reserve_e, IncreLoRA, increlo
 from peft._export import export_adapter, import_adapter
 from peft._eva import eva_init
 from peft._loraga import lora_ga_init
+from peft._lorasb import LoRASB, lorasb_init
+from peft._kasa import KaSA, kasa_options
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks
