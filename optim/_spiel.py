@@ -275,7 +275,7 @@ def spiel(learning_rate: optax.ScalarOrSchedule, density: float = 0.01, reselect
     nu = b2 * s["nu"] + (1 - b2) * gs * gs
     w_sel = _gather(w, idx).astype(jnp.float32)
     delta = w_sel - anchor
-    bc1, bc2 = 1.0 - b1 ** age, 1.0 - b2 ** age
+    bc1, bc2 = pj.bias_corrections(age, b1, b2)     # accurate in float32 (0.999 is not a float32)
     delta_new = delta - lr * mu * jnp.sqrt(bc2) / (bc1 * (jnp.sqrt(nu) + eps))
     if weight_decay:
       delta_new = delta_new * (1.0 - lr * weight_decay)
@@ -304,8 +304,9 @@ def spiel(learning_rate: optax.ScalarOrSchedule, density: float = 0.01, reselect
       if by_gradient:
         cand, score = s["cand"], s["cand_g"]
         n_acc = jnp.maximum(samples + 1, 1).astype(jnp.float32)     # this step's gradient is included
-        seed_mu = s["cand_g"] / n_acc * (1.0 - b1 ** n_acc)
-        seed_nu = s["cand_g2"] / n_acc * (1.0 - b2 ** n_acc)
+        c1, c2 = pj.bias_corrections(n_acc, b1, b2)
+        seed_mu = s["cand_g"] / n_acc * c1
+        seed_nu = s["cand_g2"] / n_acc * c2
         seed_age = jnp.broadcast_to(n_acc, cand.shape)
       else:
         est = (s["row"][..., :, None] * s["col"][..., None, :]).reshape(idx.shape[:-1] + (numel,))
