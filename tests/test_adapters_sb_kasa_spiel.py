@@ -436,7 +436,8 @@ def test_trainer_kasa(tmp_path):
 @pytest.mark.parametrize("regrow", ["gradient", "momentum"])
 def test_trainer_spiel(tmp_path, regrow):
   """configs/spiel.py smoke (8 steps, selections after steps 2 and 6): trains k = density in out entries per
-  kernel and nothing else."""
+  kernel and nothing else. (The base rebuilt here differs from the run's initial weights by float rounding
+  at some entries, so "moved" means by more than 1e-6; an Adam step at lr 3e-3 moves an entry far more.)"""
   import train_lib   # pylint: disable=g-import-not-at-top
   from configs import spiel   # pylint: disable=g-import-not-at-top
   c = _smoke(spiel.get_config(f"model=tiny,smoke,density=0.05,regrow={regrow}"))
@@ -446,6 +447,6 @@ def test_trainer_spiel(tmp_path, regrow):
   after, before = peft.flatten(summary["state"].params), peft.flatten(base)
   q = "layers/attn/q_proj/kernel"
   L, i, o = before[q].shape
-  moved = np.sum(np.asarray(after[q]) != np.asarray(before[q]), axis=(1, 2))
-  assert np.all(moved <= int(0.05 * i * o)) and np.all(moved > 0)
-  np.testing.assert_array_equal(np.asarray(after["embed/embedding"]), np.asarray(before["embed/embedding"]))
+  moved = np.sum(np.abs(np.asarray(after[q]) - np.asarray(before[q])) > 1e-6, axis=(1, 2))
+  assert np.all(moved <= int(0.05 * i * o)) and np.all(moved > int(0.05 * i * o) // 2)
+  np.testing.assert_allclose(np.asarray(after["embed/embedding"]), np.asarray(before["embed/embedding"]), atol=1e-6)
