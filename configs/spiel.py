@@ -25,7 +25,7 @@ def get_config(arg=None):
   o = c.optim.spiel
   o.density = arg.density                            # fraction of each kernel's entries that train
   o.regrow = arg.regrow                              # gradient (SpIEL-AG) | momentum (SpIEL-MA)
-  o.total_steps = c.total_steps                      # the replaced fraction decays to 0 at the last step
+  o.total_steps = c.get_ref("total_steps")           # follows --config.total_steps: p decays to 0 at the end
   o.targets = r"layers/(attn|mlp)/.*_proj/kernel"
   if arg.smoke:
     o.reselection_steps = 4

@@ -92,9 +92,11 @@ def random_indices(key, shape, k: int) -> jax.Array:
   return jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1).astype(jnp.int32)
 
 
-def reselection_rate(c, initial_rate: float, first: int, total_steps: int, policy: str):
+def reselection_rate(c, initial_rate: float, first: int, total_steps: Optional[int], policy: str):
   """p at the selection after step c (1 at the first selection, c == first, under `linear`)."""
   c = jnp.asarray(c, jnp.float32)
+  if total_steps is None:                                # no horizon: the rate never decays
+    return jnp.where(c == first, 1.0, initial_rate) if policy == "linear" else jnp.asarray(initial_rate)
   if policy == "linear":
     return jnp.where(c == first, 1.0, initial_rate * (1.0 - c / total_steps))
   return initial_rate * (1.0 + jnp.cos(math.pi * c / total_steps)) / 2.0
@@ -179,7 +181,8 @@ def spiel(learning_rate: optax.ScalarOrSchedule, density: float = 0.01, reselect
     initial_reselection_rate: rho_0 of the replaced-fraction schedule.
     reselection_rate_policy: 'linear' (the reference default) or 'cosine'.
     regrow: 'gradient' (SpIEL-AG, accumulated gradients) or 'momentum' (SpIEL-MA, SM3 covers).
-    total_steps: T; no selection after it; required.
+    total_steps: T; no selection after it. The reference always has one (its trainer's max_steps); None
+      (for a run that does not say) keeps p at `initial_reselection_rate` and never stops reselecting.
     b1, b2, eps, weight_decay: SftAdamW's (HF Trainer defaults; decay of the deltas).
     seed: of the initial random index sets.
     mask: which leaves are sparse (bool tree or params -> bool tree); default every kernel. The other leaves
@@ -201,8 +204,8 @@ def spiel(learning_rate: optax.ScalarOrSchedule, density: float = 0.01, reselect
     raise ValueError(f"spiel: regrow={regrow!r}; valid: {', '.join(REGROW)}")
   if reselection_rate_policy not in POLICIES:
     raise ValueError(f"spiel: reselection_rate_policy={reselection_rate_policy!r}; valid: {', '.join(POLICIES)}")
-  if not isinstance(total_steps, int) or total_steps <= 0:
-    raise ValueError(f"spiel: total_steps must be a positive int (the run's steps), got {total_steps!r}")
+  if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
+    raise ValueError(f"spiel: total_steps must be a positive int (the run's steps) or None, got {total_steps!r}")
   if not 1 <= selection_accumulation_steps < reselection_steps:
     raise ValueError(f"spiel: need 1 <= selection_accumulation_steps < reselection_steps, got "
                      f"{selection_accumulation_steps} and {reselection_steps}")
@@ -244,7 +247,7 @@ def spiel(learning_rate: optax.ScalarOrSchedule, density: float = 0.01, reselect
     c = count + 1                                        # steps done after this one
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
     in_phase = by_gradient & (c % R <= A)
-    select = (c % R == A) & (c <= total_steps)
+    select = (c % R == A) & (c <= (total_steps or jnp.iinfo(jnp.int32).max))
     p = reselection_rate(c, initial_reselection_rate, A, total_steps, reselection_rate_policy)
     out = []
     new = {f: [] for f in rest}

@@ -383,7 +383,7 @@ def test_spiel_trainable_count_and_state(tiny_params):
 
 def test_spiel_bad_arguments_raise():
   with pytest.raises(ValueError, match="total_steps"):
-    optim.spiel(1e-3)
+    optim.spiel(1e-3, total_steps=0)
   with pytest.raises(ValueError, match="regrow"):
     optim.spiel(1e-3, total_steps=5, regrow="random")
   with pytest.raises(ValueError, match="needs params"):
