@@ -27,11 +27,13 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peft._core import Adapter, dot
 from peft._init import init_factors
-from peft._lora import LowRankShape
-from peft._node import AdapterSpec, adapter_node, input_dropout, options_with_defaults, register_adapter, static_field
+from peft._lora import LoRA, LowRankShape
+from peft._node import (AdapterSpec, adapter_node, input_dropout, options_with_defaults, register_adapter,
+                        register_hf_format, static_field)
 from peft._quant import float_weight, like_base
 
 KASA_OPTIONS = dict(beta=1e-4, gamma=1e-3)
@@ -63,6 +65,7 @@ def kasa_penalty(a: jax.Array, d: jax.Array, b: jax.Array, beta: float, gamma: f
   return jnp.sum(beta * jnp.sum(d * d, -1) + gamma * (fro(gram_b) + fro(gram_a)))
 
 
+@register_hf_format
 @adapter_node
 class KaSA(LowRankShape, Adapter):
   base: Any                         # [..., in, out] the truncated kernel (or a QuantizedWeight of it)
@@ -76,6 +79,8 @@ class KaSA(LowRankShape, Adapter):
   gamma: float = static_field(default=1e-3)
 
   trainable_fields = ("a", "d", "b")
+  hf_peft_type = "LORA"                                    # LoraConfig(kasa_config=KasaConfig(...))
+  hf_tensor_names = ("lora_A.weight", "lora_B.weight", "lora_diag")
 
   def dot(self, x):
     xd = input_dropout(x, self.dropout, self.rng)
@@ -94,6 +99,37 @@ class KaSA(LowRankShape, Adapter):
     if not (self.beta or self.gamma):
       return None
     return {"kasa": (kasa_penalty(self.a, self.d, self.b, self.beta, self.gamma), 0)}   # count 0: a plain sum
+
+  # ---- HF PEFT format (peft/_export.py): LoRA's tensors and config plus lora_diag and kasa_config. PEFT
+  # truncates the base itself when it loads the adapter, so the export belongs on the original model, and
+  # `from_hf` truncates the (original) base it is given. ------------------------------------------------
+  @classmethod
+  def hf_accepts(cls, config) -> bool:
+    return bool(config.get("kasa_config"))
+
+  def hf_tensors(self) -> dict[str, np.ndarray]:
+    return {"lora_A.weight": np.asarray(self.a).T, "lora_B.weight": np.asarray(self.b).T,
+            "lora_diag": np.asarray(self.d)}
+
+  @classmethod
+  def hf_config(cls, nodes: dict, spec: Optional[AdapterSpec]) -> dict:
+    pairs = {(n.beta, n.gamma) for n in nodes.values()}
+    if len(pairs) != 1:
+      raise ValueError(f"PEFT's kasa_config is one (beta, gamma) for the whole adapter, got {sorted(pairs)}")
+    beta, gamma = pairs.pop()
+    return {**LoRA.hf_config(nodes, spec), "kasa_config": {"beta": beta, "gamma": gamma}}
+
+  @classmethod
+  def from_hf(cls, base, layers: list[dict], config, module: str, stacked: bool):
+    stack = lambda xs: jnp.asarray(np.stack(xs) if stacked else xs[0], jnp.float32)
+    a = stack([l["lora_A.weight"].T for l in layers])
+    b = stack([l["lora_B.weight"].T for l in layers])
+    d = stack([l["lora_diag"] for l in layers])
+    r = a.shape[-1]
+    kasa = config["kasa_config"]
+    return cls(like_base(base, truncate_smallest(float_weight(base, jnp.float32), r)), a, d, b,
+               scale=LoRA.hf_scale(config, module, r), dropout=float(config.get("lora_dropout", 0.0)),
+               beta=float(kasa.get("beta", 1e-4)), gamma=float(kasa.get("gamma", 1e-3)))
 
 
 @register_adapter("kasa")

@@ -104,6 +104,22 @@ def test_kasa_rejects_rank_without_a_kept_component():
     peft.get_adapter("kasa")(jnp.ones((4, 3)), peft.AdapterSpec("kasa", rank=3), jax.random.PRNGKey(0), "k")
 
 
+def test_kasa_export_import_round_trip(tiny_params, tmp_path):
+  """PEFT's LoRA format with `lora_diag` and `kasa_config`, read back onto the original model (the import
+  truncates the base again, as PEFT does on load); PEFT loading it with equal logits is the `kasa` row of
+  test_peft_export.py."""
+  spec = peft.AdapterSpec("kasa", rank=4, alpha=8.0, options={"beta": 0.5, "gamma": 0.25})
+  adapted = peft.apply(tiny_params, {("q_proj", "down_proj"): spec})
+  adapted = jax.tree.map(lambda n: n.replace(b=n.b + 0.1) if isinstance(n, peft.KaSA) else n, adapted,
+                         is_leaf=peft.is_adapter)
+  config = peft.export_adapter(str(tmp_path), adapted, spec)
+  assert config["kasa_config"] == {"beta": 0.5, "gamma": 0.25} and config["peft_type"] == "LORA"
+  back = peft.import_adapter(str(tmp_path), tiny_params)
+  assert isinstance(back["layers"]["attn"]["q_proj"]["kernel"], peft.KaSA)
+  for p, x in peft.flatten(adapted).items():
+    np.testing.assert_allclose(np.asarray(peft.flatten(back)[p]), np.asarray(x), rtol=1e-5, atol=1e-5, err_msg=p)
+
+
 KASA = dict(r=3, alpha=6.0, beta=1e-2, gamma=1e-1)
 KASA_SHAPES = {"lin1": (7, 6), "lin2": (6, 5)}      # [in, out]
 
