@@ -384,6 +384,17 @@ def test_spiel_matches_reference_rules_and_never_recompiles(regrow):
   assert update._cache_size() == 1
 
 
+def test_spiel_reselection_rate_schedules():
+  """linear: 1 at the first selection (c = A), then rho_0 (1 - c/T); cosine: rho_0 (1 + cos(pi c/T)) / 2;
+  no T: rho_0 (and 1 first under linear)."""
+  for c in (2, 7, 12, 20):
+    lin = float(_spiel.reselection_rate(c, 0.3, 2, 20, "linear"))
+    cos = float(_spiel.reselection_rate(c, 0.3, 2, 20, "cosine"))
+    np.testing.assert_allclose(lin, 1.0 if c == 2 else 0.3 * (1 - c / 20), rtol=1e-6)
+    np.testing.assert_allclose(cos, 0.3 * (1 + math.cos(math.pi * c / 20)) / 2, rtol=1e-6, atol=1e-7)
+    assert float(_spiel.reselection_rate(c, 0.3, 2, None, "linear")) == pytest.approx(1.0 if c == 2 else 0.3)
+
+
 def test_spiel_trainable_count_and_state(tiny_params):
   """k = floor(density in out) pairs per matrix (the paper's density x parameters); per pair the state holds
   index, anchor, age, m, v and the phase's candidate, sum and square sum; other leaves get dense Adam."""
