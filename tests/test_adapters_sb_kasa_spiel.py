@@ -232,6 +232,21 @@ def test_lorasb_xs_weight_init_and_identity():
   assert 1e-6 < float(jnp.std(noisy.r)) < 2e-5                    # the reference's sigma = 1e-5
 
 
+@pytest.mark.parametrize("method", ["lorasb", "kasa"])
+def test_dropout_reaches_the_adapter_path_only_with_a_key(method):
+  """`peft.with_dropout_rng` gives both nodes per-layer keys; without a key (eval) the output is exact."""
+  w = jnp.asarray(np.random.default_rng(8).normal(size=(2, 6, 5)), jnp.float32)
+  node = peft.get_adapter(method)(w, peft.AdapterSpec(method, rank=2, dropout=0.5), jax.random.PRNGKey(0), "k")
+  node = node.replace(b=node.b + 1.0, **({"r": node.r + 1.0} if method == "lorasb" else {}))
+  keyed = peft.with_dropout_rng({"k": node}, jax.random.PRNGKey(3))["k"]
+  assert keyed.rng.shape[:1] == (2,)
+  x = jnp.ones((3, 6), jnp.float32)
+  one = lambda n: jax.tree.map(lambda z: z[0], n)
+  full = np.asarray(one(node).dot(x))
+  np.testing.assert_allclose(full, np.asarray(x @ one(node).materialize()), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(one(keyed).dot(x)), full)
+
+
 def test_lorasb_trainable_count(tiny_params):
   """r^2 per adapted matrix (LoRA-XS / LoRA-SB: only R trains)."""
   adapted = peft.apply(tiny_params, {("q_proj", "down_proj"): peft.AdapterSpec("lorasb", rank=5)})
