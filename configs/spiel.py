@@ -1,11 +1,11 @@
 r"""SpIEL: sparse fine-tuning at a fixed density, with periodic prune and regrow of the trained entries.
 
-    python main.py --config=configs/sft.py:task=sort,steps=1500 --workdir=/tmp/base       # the base model
-    python main.py --config=configs/spiel.py:density=0.05 --config.model.init_workdir=/tmp/base \
-        --workdir=/tmp/spiel
-    python main.py --config=configs/spiel.py:regrow=momentum --config.model.init_workdir=/tmp/base \
-        --workdir=/tmp/spiel_ma                                                          # SpIEL-MA
-    python main.py --config=configs/spiel.py:model=tiny,smoke --workdir=/tmp/spiel_smoke  # seconds, random base
+    python main.py --config=configs/sft.py:task=sort,steps=1500 --workdir=$BASE           # the base model
+    python main.py --config=configs/spiel.py:density=0.05 --config.model.init_workdir=$BASE \
+        --workdir=$WORKDIR
+    python main.py --config=configs/spiel.py:regrow=momentum --config.model.init_workdir=$BASE \
+        --workdir=$WORKDIR_MA                                                            # SpIEL-MA
+    python main.py --config=configs/spiel.py:model=tiny,smoke --workdir=$WORKDIR         # seconds, random base
 
 Ansell et al., *Scaling Sparse Fine-Tuning to Large Language Models* (2024), `AlanAnsell/peft` (tuners/sft):
 every attention/MLP kernel trains k = density * in * out entries (`optim/_spiel.py`); every
