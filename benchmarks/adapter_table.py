@@ -58,6 +58,12 @@ RUNS = (
     ("SoRA r16 (gated)", "adapter=sora", 3e-3, {}, "as LoRA"),
     ("IncreLoRA (grows to target_r 8)", "adapter=increlora", 3e-3, {}, "as LoRA"),
     ("RandLoRA r16", "adapter=randlora", 3e-3, {}, "as LoRA"),
+    ("LoRA-SB r16 (R only; init from the first update)", "adapter=lorasb,init=lorasb", 3e-3,
+     {"peft.data_init.lorasb_lr": 3e-3}, "as LoRA"),
+    ("KaSA r16 (base truncated by r)", "adapter=kasa", 3e-3, {}, "as LoRA"),
+    ("SpIEL-AG (density 0.05, no rate decay)", "adapter=none", 1e-2,
+     {"optim.rules": ((r"layers/(attn|mlp)/.*_proj/kernel", "spiel"), (".*", None)), "optim.spiel.density": 0.05},
+     "our choice: an entry moves at most lr per Adam step"),
 )
 TIME_STEPS = 20
 SKIPPED = (("bone", "MiSS default mode under Bone's former name: the MiSS (default) row"),)

@@ -23,6 +23,7 @@ from optim._galore import ScaleByGaLoreState, galore, scale_by_galore
 from optim._fira import ScaleByFiraState, fira, scale_by_fira
 from optim._frugal import ScaleByFrugalState, frugal, scale_by_frugal
 from optim._lift import ScaleByLiftState, lift, principal_indices, scale_by_lift
+from optim._spiel import SpielState, prune_regrow as spiel_prune_regrow, spiel
 from optim._lora_pro import ScaleByLoraProState, corrected_lora_grads, lora_pro, scale_by_lora_pro
 from optim._tempbalance import (AddLayerwiseDecayState, LayerwiseDecayState, RunConfig as TempBalanceRun,
                                 ScaleByLayerwiseLrState, Schedule, TempBalanceConfig, add_layerwise_decayed_weights,

@@ -42,4 +42,6 @@ from peft._eva import eva_init
 from peft._loraga import lora_ga_init
 from peft._corda import corda_init
 from peft._loftq import loftq_init
+from peft._lorasb import LoRASB, lorasb_init
+from peft._kasa import KaSA, kasa_options
 from peft._slots import SampledLayers, is_sampled, place_like, resample, sample_layers, sampled_blocks

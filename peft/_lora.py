@@ -96,7 +96,7 @@ class LoRA(LowRankFactors, Adapter):
   # ---- HF PEFT format (peft/_export.py) ---------------------------------------------------------------
   @classmethod
   def hf_accepts(cls, config) -> bool:
-    return not config.get("use_dora", False)
+    return not config.get("use_dora", False) and not config.get("kasa_config")   # KaSA: peft/_kasa.py
 
   def hf_tensors(self) -> dict[str, np.ndarray]:
     out = {"lora_A.weight": np.asarray(self.a).T, "lora_B.weight": np.asarray(self.b).T}

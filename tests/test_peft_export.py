@@ -60,6 +60,7 @@ CASES = {
                 {}),
     "ia3": ("llama_linear", ("k_proj", "v_proj", "down_proj"), spec("ia3", options={"feedforward": "down_proj"}),
             {}),
+    "kasa": ("llama", ("q_proj", "v_proj", "down_proj"), spec("kasa"), {}),   # PEFT truncates the base on load
 }
 
 
