@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from configs.paper import _recipe
+import configs.paper as _recipe
 from train_lib import dry_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

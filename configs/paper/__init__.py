@@ -1,2 +1,2 @@
 """Paper recipes: one config per main-table setting (README "Paper recipes"); `RECIPES` lists them."""
-from configs.paper._recipe import RECIPES, REDUCED, REDUCED_MODEL, load, reduced
+from configs.paper._recipe import RECIPES, REDUCED, REDUCED_MODEL, base, gpu_mesh, load, reduced
