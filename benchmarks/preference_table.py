@@ -26,7 +26,8 @@ RUNS = (
     ("LiPO-lambda (K=4)", "lipo.py", ""),
     ("DPO-Kernels (rbf, KL, dpo_compatible)", "dpo_kernels.py", ""),
     ("DPO-Kernels (HMK, JS, dpo_compatible)", "dpo_kernels.py", "kernel=hmk,divergence=js"),
-    ("DPO-Kernels (rbf, KL, faithful)", "dpo_kernels.py", "mode=faithful"),
+    # The reference code's objective with embeddings from a frozen model (the paper: a frozen encoder).
+    ("DPO-Kernels (rbf, KL, faithful)", "dpo_kernels.py", "mode=faithful,source=reference_hidden"),
 )
 METRICS = ("exact_match", "ranking_accuracy", "rewards/accuracies", "loss")
 
@@ -36,19 +37,27 @@ def run_dir(cfg_file: str, arg: str) -> str:
 
 
 def run_seed(workdir: str, model: str, sft_steps: int, steps: int, seed: int = 0, runs=RUNS,
-             smoke: bool = False, on_run=None):
+             smoke: bool = False, on_run=None, eval_before: bool = True, num_examples: int = 0):
   """SFT once (seed: init and data order), then every (title, config file, argument) of `runs` with LoRA
-  from it (seed: adapter init and data order). Returns (SFT summary, [(title, before, after)])."""
+  from it (seed: adapter init and data order). Returns (SFT summary, [(title, before, after)]).
+
+  eval_before=False skips each run's evaluation at step 0 (the SFT model's, already in its summary);
+  num_examples > 0 sets the held-out prompts scored by exact match."""
   sft_dir = os.path.join(workdir, "sft")
   sm = ",smoke" if smoke else ""
   cfg = get_config("sft.py", f"model={model},steps={sft_steps}{sm}")
   cfg.seed = seed
+  if num_examples:
+    cfg.eval.num_examples = num_examples
   sft = train_lib.train_and_evaluate(cfg, sft_dir)
   rows = []
   for title, cfg_file, arg in runs:
     cfg = get_config(cfg_file, ",".join(filter(None, [f"model={model},steps={steps}{sm}", arg])))
     cfg.model.init_workdir = sft_dir
     cfg.seed = seed
+    cfg.eval_before = eval_before
+    if num_examples:
+      cfg.eval.num_examples = num_examples
     s = train_lib.train_and_evaluate(cfg, os.path.join(workdir, run_dir(cfg_file, arg)))
     b, f = ({k: float(v) for k, v in d.items() if k in METRICS} for d in (s["before"], s["after"]))
     rows.append((title, b, f))

@@ -97,7 +97,8 @@ class Block(NamedTuple):
 def _preference_run(seed, st, wd, emit):
   from benchmarks import preference_table as pt   # pylint: disable=g-import-not-at-top
   runs = [r for r in pt.RUNS if _arm_id(r[0]) in st["only"]] if st.get("only") else pt.RUNS
-  sft, rows = pt.run_seed(wd, st["model"], st["sft_steps"], st["steps"], seed, runs=runs, smoke=st["smoke"])
+  sft, rows = pt.run_seed(wd, st["model"], st["sft_steps"], st["steps"], seed, runs=runs, smoke=st["smoke"],
+                          eval_before=False, num_examples=st["num_examples"])
   emit(dict(arm="sft", title="SFT model (start of every run)", exact_match=float(sft["after"]["exact_match"])))
   for title, _, after in rows:
     emit(dict(arm=_arm_id(title), title=title, **after))
@@ -201,8 +202,8 @@ _EM = Metric("exact_match", "held-out exact match")
 
 BLOCKS = {b.name: b for b in (
     Block("preference", "Preference tuning", _preference_run,
-          settings=dict(model="tiny", sft_steps=150, steps=100, smoke=False),
-          quick=dict(model="tiny", sft_steps=8, steps=8, smoke=True),
+          settings=dict(model="tiny", sft_steps=150, steps=60, num_examples=100, smoke=False),
+          quick=dict(model="tiny", sft_steps=8, steps=8, num_examples=0, smoke=True),
           metrics=(_EM, Metric("ranking_accuracy", "ranking acc."),
                    Metric("rewards/accuracies", "rewards/accuracies")),
           reference="dpo",
@@ -210,9 +211,12 @@ BLOCKS = {b.name: b for b in (
               f"A `{st['model']}` model is trained by SFT on `sort` ({st['sft_steps']} steps), then each run "
               f"trains LoRA r16 on all linear layers for {st['steps']} steps of preference pairs (lists of 4 "
               "for LiPO) from it, the reference = the SFT weights (`benchmarks/preference_table.py`, "
-              "`configs/dpo.py`, `lipo.py`, `dpo_kernels.py`; DPO-Kernels' `faithful` mode is the reference "
-              "code's objective, `dpo_compatible` ours). Held-out exact match: greedy generations checked by "
-              "the verifier; ranking accuracy: held-out pairs whose log-prob order matches the preference; "
+              "`configs/dpo.py`, `lipo.py`, `dpo_kernels.py`; DPO-Kernels' `faithful` row is the reference "
+              "code's objective with embeddings from the frozen reference model (`source=reference_hidden`; "
+              "the paper's are a frozen encoder's), `dpo_compatible` is ours, with the policy's own embeddings; "
+              "both at our defaults gamma 0.1, alpha 0.1, RBF sigma 4). Held-out exact match: greedy generations of "
+              f"{st['num_examples'] or 'the config'} prompts, checked by the verifier; ranking accuracy: "
+              "held-out pairs whose log-prob order matches the preference; "
               "`rewards/accuracies`: TRL's implicit-reward accuracy (SimPO: of its own length-normalised reward, no "
               "reference).")),
     Block("adapters_optimizers", "Adapters and memory-efficient optimizers", _transfer_run(ADAPTER_RUNS),
@@ -228,8 +232,8 @@ BLOCKS = {b.name: b for b in (
               "train state's optimizer tree (float32). Step: median over logging windows of a shared 2-core "
               "CPU (loaded by other jobs; includes host work such as layer resampling).")),
     Block("tempbalance", "TempBalance in low data", _tempbalance_run,
-          settings=dict(model="tiny", task="sort", steps=150, sizes=(250, 1000, 4000),
-                        arms=(("lr_x0.5", 0.5), ("lr_x1", 1.0), ("lr_x2", 2.0), ("tb", 1.0)), smoke=False),
+          settings=dict(model="tiny", task="sort", steps=100, sizes=(250, 1000, 4000),
+                        arms=(("lr_x1", 1.0), ("lr_x2", 2.0), ("tb", 1.0)), smoke=False),
           quick=dict(model="tiny", task="sort", steps=4, sizes=(250,), arms=(("lr_x1", 1.0), ("tb", 1.0)),
                      smoke=True),
           metrics=(_EM, Metric("loss", "held-out loss", ".4f")),
@@ -238,7 +242,7 @@ BLOCKS = {b.name: b for b in (
           describe=lambda st: (
               f"`configs/tempbalance.py` on `{st['task']}` (model `{st['model']}`, {st['steps']} steps of "
               "batch 32, AdamW peak lr 3e-3, cosine) at each training-set size, with TempBalance "
-              "(`tb_linear_map`, f in [0.5, 1.5]) and without it at peak lr x 0.5, 1 and 2 "
+              "(`tb_linear_map`, f in [0.5, 1.5]) and without it at peak lr x 1 and x 2 "
               "(`benchmarks/lowdata_tempbalance.py`). The tuned baseline is the baseline lr with the best "
               "mean exact match at that size, chosen on the same held-out set (this favours the baseline). "
               "Held-out: 256 problems in no training set (greedy exact match), 4 x 64 for the loss.")),

@@ -153,3 +153,14 @@ def test_quick_block_end_to_end(tmp_path):
   assert (out / "preference.md").read_text() == md
   study.main(argv)
   assert [json.loads(l) for l in open(out / "preference.jsonl")] == recs
+
+
+def test_tempbalance_baseline_arms_have_tempbalance_off():
+  """The study's lr-grid baselines run lowdata_tempbalance's `off_lr_up` arm: f = 1, only the lr scaled."""
+  from benchmarks import lowdata_tempbalance as lt
+  args = lt.parse_args(["--model=tiny", "--lr_up=2.0", "--steps=10"])
+  off = lt.config_for(args, 250, "off", 0)
+  up = lt.config_for(args, 250, "off_lr_up", 0)
+  tb = lt.config_for(args, 250, "tb", 0)
+  assert not off.tempbalance.enabled and not up.tempbalance.enabled and tb.tempbalance.enabled
+  assert up.optim.learning_rate == 2.0 * off.optim.learning_rate == 2.0 * tb.optim.learning_rate
