@@ -59,7 +59,7 @@ def run_seed(workdir: str, model: str, sft_steps: int, steps: int, seed: int = 0
     if num_examples:
       cfg.eval.num_examples = num_examples
     s = train_lib.train_and_evaluate(cfg, os.path.join(workdir, run_dir(cfg_file, arg)))
-    b, f = ({k: float(v) for k, v in d.items() if k in METRICS} for d in (s["before"], s["after"]))
+    b, f = ({k: float(v) for k, v in d.items() if k in METRICS} for d in (s.get("before", {}), s["after"]))
     rows.append((title, b, f))
     print(json.dumps({"run": title, "before": b, "after": f}, default=float), flush=True)
     if on_run:

@@ -188,7 +188,10 @@ def _tempbalance_tuned(records):
 
 def _merging_run(seed, st, wd, emit):
   from benchmarks import merge_table as mt   # pylint: disable=g-import-not-at-top
-  table = [m for m in mt.methods() if m[1] in st["methods"] and (m[1] != "task_arithmetic" or not m[4])]
+  first = {}
+  for m in mt.methods():        # the first row of each method: TIES / DARE density 0.5, task arithmetic lambda 1
+    first.setdefault(m[1], m)
+  table = [first[name] for name in st["methods"]]
   base_dir, ft_dirs = mt.fine_tunes(wd, st["model"], st["base_steps"], st["steps"], st["lr"], seed,
                                     smoke=st["smoke"])
   rows = mt.score_merges(base_dir, ft_dirs, st["model"], st["num_examples"], seed=seed, table=table)
@@ -360,7 +363,8 @@ def table(records: list[dict], block: Block) -> str:
     else:
       sep = separated(stats[head.key], ref)
       diff = (stats[head.key][0] - ref[0]) * head.scale
-      verdict = f"{diff:+{head.fmt}}" + (" **larger than seed spread**" if sep else " (within spread)")
+      spread = "" if min(stats[head.key][2], ref[2]) >= 2 else " (one seed: no spread)"
+      verdict = f"{diff:+{head.fmt}}" + (" **larger than seed spread**" if sep else spread or " (within spread)")
       if sep:
         verdicts.append(f"{title}{' at ' + g if g else ''}: {diff:+{head.fmt}}")
     cells = ([g] if has_group else []) + [f"{title} (`{a}`)"] + [_fmt(stats[m.key], m) for m in block.metrics]
