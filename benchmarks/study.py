@@ -300,10 +300,9 @@ def run_block(block: Block, seeds, settings: dict, out: str, workroot: str) -> f
     print(f"[study] {block.name}: settings changed, dropping {len(old) - len(keep)} earlier records", flush=True)
     with open(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
-  done = {r["seed"] for r in keep if r.get("complete")}
   t_block = time.perf_counter()
   for seed in seeds:
-    if seed in done:
+    if seed in {r["seed"] for r in read_records(path) if r.get("complete") and r["settings"] == st}:
       print(f"[study] {block.name}: seed {seed} already in {path}", flush=True)
       continue
     pending = []
@@ -336,6 +335,8 @@ def aggregate(records: list[dict], block: Block):
   if block.derive:
     records = records + block.derive(records)
   keys = list(dict.fromkeys((r.get("group", ""), r["arm"]) for r in records))
+  groups = list(dict.fromkeys(g for g, _ in keys))
+  keys.sort(key=lambda k: groups.index(k[0]))          # stable: a group's derived rows follow its own
   rows = []
   for g, a in keys:
     sel = [r for r in records if (r.get("group", ""), r["arm"]) == (g, a)]
@@ -388,7 +389,8 @@ def table(records: list[dict], block: Block) -> str:
       + (f"Larger than the seed spread: {'; '.join(verdicts)}." if verdicts else
          "No difference from the reference is larger than the seed spread."),
       "",
-      f"Run time: {total / 60:.1f} min for {n} seeds ({records[0].get('backend', 'cpu')}, a shared 2-core CPU). "
+      f"Run time: {total / 60:.1f} min, the sum of the {n} seeds' wall times ({records[0].get('backend', 'cpu')}, "
+      "a 2-core CPU shared with other jobs). "
       f"Command: `python -m benchmarks.study --blocks={block.name} --seeds={n}`; raw per-seed results: "
       f"`{block.name}.jsonl`.",
   ])
@@ -442,7 +444,8 @@ def replace_marked(text: str, name: str, body: str) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--blocks", default=",".join(BLOCKS), help=f"comma-separated, of {', '.join(BLOCKS)}")
-  p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. n-1")
+  p.add_argument("--seeds", type=int, default=3, help="seeds seed_start .. seed_start + n - 1")
+  p.add_argument("--seed_start", type=int, default=0, help="first seed (to run seeds in parallel processes)")
   p.add_argument("--quick", action="store_true", help="seconds-long runs (the smoke test)")
   p.add_argument("--arms", default="", help="only these arms (ids as in the tables' backticks)")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "study"))
@@ -469,7 +472,7 @@ def main(argv=None):
       st = dict(block.quick if a.quick else block.settings)
       if a.arms:
         st["only"] = a.arms.split(",")
-      secs = run_block(block, range(a.seeds), st, a.out, workroot)
+      secs = run_block(block, range(a.seed_start, a.seed_start + a.seeds), st, a.out, workroot)
       print(f"[study] {n}: {secs / 60:.1f} min", flush=True)
     md = write_tables(block, a.out)
     if md is None:
