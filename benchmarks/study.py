@@ -250,13 +250,14 @@ BLOCKS = {b.name: b for b in (
               "mean exact match at that size, chosen on the same held-out set (this favours the baseline). "
               "Held-out: 256 problems in no training set (greedy exact match), 4 x 64 for the loss.")),
     Block("owlore_sampling", "OwLore: which blocks to sample", _transfer_run(OWLORE_RUNS),
-          settings=dict(model="small", base_steps=300, steps=150, log_every=10, warmup=15, smoke=False),
+          settings=dict(model="tiny", base_steps=300, steps=150, log_every=10, warmup=15, smoke=False),
           quick=dict(model="tiny", base_steps=8, steps=8, log_every=2, warmup=2, smoke=True),
           metrics=(_EM, Metric("loss", "held-out loss", ".4f")),
           reference="uniform",
           describe=lambda st: (
               f"A `{st['model']}` model trained on `sort` ({st['base_steps']} steps) is fine-tuned on "
-              f"`reverse` for {st['steps']} steps by `configs/owlore.py` (1 block of 4 sampled every 50 steps, "
+              f"`reverse` for {st['steps']} steps by `configs/owlore.py` (1 of the model's "
+              f"{ {'tiny': 2, 'small': 4}.get(st['model'], '') } blocks sampled every 50 steps, "
               "GaLore r32 in it, AdamW elsewhere), with the sampling probabilities of `optim/_sampling.py`: "
               "uniform, OwLore's outlier ratios (OWL, M = 13; calibration on 32 training rows of 32 tokens), "
               "or 1/alpha of the block's weights (HT-SR, `method=owlore_alpha`, `eigs_thresh` 16).")),
@@ -409,8 +410,12 @@ def plot_tempbalance(records: list[dict], block: Block, path: str):
       xs = [x * (1 + 0.03 * (k - len(arms) / 2)) for x, _ in sel]     # dodge the error bars
       ax.errorbar(xs, [s[m.key][0] for _, s in sel], yerr=[s[m.key][1] for _, s in sel], marker="o",
                   capsize=3, label=_TB_TITLES.get(arm, arm))
+  sizes = sorted({int(g.split()[-1]) for g, *_ in rows})
   for ax, m in zip(axes, block.metrics):
     ax.set_xscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(x) for x in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training problems (train_size)")
     ax.set_title(f"{m.label} (mean ± 95% t-interval)")
     ax.grid(alpha=0.3)
