@@ -384,8 +384,8 @@ def table(records: list[dict], block: Block) -> str:
       *lines,
       "",
       f"Cells: mean ± half-width of the 95% Student-t interval over the {n} seeds, t_(0.975, n-1) s / sqrt(n) "
-      f"(s: sample standard deviation). Last column: difference of the mean {head.label} from `{block.reference}` "
-      "in the same group; **larger than seed spread** when the two 95% intervals do not overlap "
+      f"(s: sample standard deviation). Last column: difference from `{block.reference}` in the same group, "
+      f"in the seed mean of {head.label}; **larger than seed spread** when the two 95% intervals do not overlap "
       "(|m_a - m_b| > h_a + h_b), otherwise within spread. "
       + (f"Larger than the seed spread: {'; '.join(verdicts)}." if verdicts else
          "No difference from the reference is larger than the seed spread."),
