@@ -3,7 +3,7 @@ r"""The study: every results table of the README, from the built-in tasks, with 
     nice -n 10 python -m benchmarks.study                                   # every block, 3 seeds
     python -m benchmarks.study --blocks=preference,tempbalance --seeds=3
     python -m benchmarks.study --blocks=preference --tables_only --update-readme   # re-aggregate, no training
-    python -m benchmarks.study --blocks=preference --quick --seeds=2 --out=/tmp/s  # seconds: the smoke test
+    python -m benchmarks.study --blocks=preference --quick --seeds=2 --out=OUT_DIR  # a smoke test
 
 Blocks (each reuses the logic of the benchmark script named):
 
@@ -12,7 +12,7 @@ Blocks (each reuses the logic of the benchmark script named):
   adapters_optimizers  full fine-tuning, LoRA, DoRA, PiSSA, GaLore, Fira, LISA, OwLore: a base trained on
                        `sort` fine-tuned on `reverse` (benchmarks/optimizer_table.py)
   tempbalance          TempBalance on / off across training-set sizes, against the baseline at the best of
-                       three learning rates (benchmarks/lowdata_tempbalance.py); writes a plot too
+                       a learning-rate grid (x1, x2) (benchmarks/lowdata_tempbalance.py); writes a plot too
   owlore_sampling      OwLore's block sampling by outlier ratio, by 1/alpha and uniform (configs/owlore.py)
   merging              averaging, task arithmetic, TIES, DARE of two fine-tunes (benchmarks/merge_table.py)
 
