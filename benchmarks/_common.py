@@ -28,9 +28,14 @@ def transfer_args(out_name: str, base_steps: int, steps: int) -> argparse.Namesp
   return p.parse_args()
 
 
-def train_base(workdir: str, model: str, steps: int, task: str = "sort") -> str:
-  """The base model trained on `task` (reused when `workdir/base` already holds a finished run)."""
+def train_base(workdir: str, model: str, steps: int, task: str = "sort", seed: int = 0, smoke: bool = False) -> str:
+  """The base model trained on `task` (reused when `workdir/base` already holds a finished run).
+
+  `seed` sets its initialisation and data order; `smoke` uses the config's seconds-long settings.
+  """
   base = os.path.join(workdir, "base")
   if not os.path.exists(os.path.join(base, "summary.json")):
-    train_lib.train_and_evaluate(get_config("sft.py", f"model={model},task={task},steps={steps}"), base)
+    cfg = get_config("sft.py", f"model={model},task={task},steps={steps}" + (",smoke" if smoke else ""))
+    cfg.seed = seed
+    train_lib.train_and_evaluate(cfg, base)
   return base

@@ -59,7 +59,7 @@ LABELS = {"off": "baseline (f = 1)", "off_lr_up": "baseline, peak lr x lr_up", "
 def config_for(args, size: int, arm: str, seed: int):
   from configs import tempbalance   # pylint: disable=g-import-not-at-top
   c = tempbalance.get_config(f"model={args.model},task={args.task},assign={args.assign},train_size={size},"
-                             f"tb={str(arm != 'off').lower()}")
+                             f"tb={str(arm in ('tb', 'tb_norm')).lower()}")   # off_lr_up is a baseline: f = 1
   c.tempbalance.normalize = arm == "tb_norm"
   if arm == "off_lr_up":
     c.optim.learning_rate *= args.lr_up

@@ -59,6 +59,53 @@ def score(cfgs, model, params, tokenizer) -> list[float]:
   return [eval_lib.exact_match(c, model, params, tokenizer) for c in cfgs]
 
 
+def fine_tunes(workdir: str, model: str, base_steps: int, steps: int, lr: float, seed: int = 0,
+               smoke: bool = False) -> tuple[str, list[str]]:
+  """The `add` base and its full fine-tunes on each of TASKS (workdirs; finished runs are reused)."""
+  base_dir = train_base(workdir, model, base_steps, task="add", seed=seed, smoke=smoke)
+  ft_dirs = []
+  for task in TASKS:
+    d = os.path.join(workdir, f"ft_{task}")
+    if not os.path.exists(os.path.join(d, "summary.json")):
+      cfg = get_config("sft.py", f"model={model},task={task},steps={steps}" + (",smoke" if smoke else ""))
+      cfg.model.init_workdir = base_dir
+      cfg.optim.learning_rate = lr
+      cfg.optim.warmup_steps = 30 if not smoke else 2
+      cfg.eval_before = False
+      cfg.seed = seed
+      train_lib.train_and_evaluate(cfg, d)
+    ft_dirs.append(d)
+  return base_dir, ft_dirs
+
+
+def score_merges(base_dir: str, ft_dirs: list[str], model: str, num_examples: int, only=(), seed: int = 0,
+                 table=None) -> list[tuple[str, list[float]]]:
+  """[(row title, exact match per task)] for the base, each fine-tune and each merge of `table` (default
+  `methods()`, filtered by the names in `only`); `seed` draws the random masks (DARE, DELLA)."""
+  cfg, net, base, tokenizer = build.load_trained(base_dir)
+  fts = [jax.device_get(build.load_trained(d)[2]) for d in ft_dirs]
+  base = jax.device_get(base)
+  cfgs = []
+  for task in TASKS:
+    c = get_config("sft.py", f"model={model},task={task}")
+    c.eval.num_examples = num_examples
+    cfgs.append(c)
+  rows = [("base (trained on `add`)", score(cfgs, net, base, tokenizer)),
+          ("fine-tune 1 (`sort`)", score(cfgs, net, fts[0], tokenizer)),
+          ("fine-tune 2 (`reverse`)", score(cfgs, net, fts[1], tokenizer))]
+  for r in rows:
+    print(r, flush=True)
+  for title, name, b, ms, params in (table or methods()):
+    if only and name not in only:
+      continue
+    t1 = time.time()
+    merged = merging.get(name)(base if b == "base" else fts[0], fts if ms == "both" else fts[1:], seed=seed,
+                               **params)
+    rows.append((title, score(cfgs, net, merged, tokenizer)))
+    print(rows[-1], f"{time.time() - t1:.0f} s", flush=True)
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", required=True)
@@ -71,44 +118,10 @@ def main():
   p.add_argument("--only", default="", help="comma-separated method names (default: all)")
   a = p.parse_args()
   t0 = time.time()
-  base_dir = train_base(a.workdir, a.model, a.base_steps, task="add")
-  ft_dirs = []
-  for task in TASKS:
-    d = os.path.join(a.workdir, f"ft_{task}")
-    if not os.path.exists(os.path.join(d, "summary.json")):
-      cfg = get_config("sft.py", f"model={a.model},task={task},steps={a.steps}")
-      cfg.model.init_workdir = base_dir
-      cfg.optim.learning_rate = a.lr
-      cfg.optim.warmup_steps = 30
-      cfg.eval_before = False
-      train_lib.train_and_evaluate(cfg, d)
-    ft_dirs.append(d)
+  base_dir, ft_dirs = fine_tunes(a.workdir, a.model, a.base_steps, a.steps, a.lr)
   t_train = time.time() - t0
-
-  cfg, model, base, tokenizer = build.load_trained(base_dir)
-  fts = [jax.device_get(build.load_trained(d)[2]) for d in ft_dirs]
-  base = jax.device_get(base)
-  cfgs = []
-  for task in TASKS:
-    c = get_config("sft.py", f"model={a.model},task={task}")
-    c.eval.num_examples = a.num_examples
-    cfgs.append(c)
-
-  rows = [("base (trained on `add`)", score(cfgs, model, base, tokenizer)),
-          ("fine-tune 1 (`sort`)", score(cfgs, model, fts[0], tokenizer)),
-          ("fine-tune 2 (`reverse`)", score(cfgs, model, fts[1], tokenizer))]
-  for r in rows:
-    print(r, flush=True)
-  only = set(filter(None, a.only.split(",")))
-  n_merges = 0
-  for title, name, b, ms, params in methods():
-    if only and name not in only:
-      continue
-    t1 = time.time()
-    merged = merging.get(name)(base if b == "base" else fts[0], fts if ms == "both" else fts[1:], **params)
-    rows.append((title, score(cfgs, model, merged, tokenizer)))
-    n_merges += 1
-    print(rows[-1], f"{time.time() - t1:.0f} s", flush=True)
+  rows = score_merges(base_dir, ft_dirs, a.model, a.num_examples, set(filter(None, a.only.split(","))))
+  n_merges = len(rows) - 3
 
   lines = ["# Merging two fine-tunes on the built-in tasks", "",
            f"A {a.model} model trained on `add` ({a.base_steps} steps) is fine-tuned twice, on `sort` and on "

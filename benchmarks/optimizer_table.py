@@ -37,23 +37,47 @@ def nbytes(tree) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 
+def step_ms(cfg, workdir: str) -> float:
+  """Median train-step time over logging windows (the first window, which compiles, left out)."""
+  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]
+  return cfg.batch_size * cfg.seq_len / statistics.median(tps) * 1e3 if tps else float("nan")
+
+
+def run_method(cfg_file: str, arg: str, base: str, workdir: str, *, model: str, steps: int, seed: int = 0,
+               task: str = "reverse", smoke: bool = False, overrides: dict | None = None) -> dict:
+  """Fine-tune `base` on `task` with one config; held-out exact match, state bytes and step time.
+
+  `overrides`: {"dotted.config.key": value} set after the config file's defaults.
+  """
+  cfg = get_config(cfg_file, ",".join(filter(None, [f"model={model}", arg, "smoke" if smoke else ""])))
+  cfg.data.task = task
+  cfg.seed = seed
+  if not smoke:
+    cfg.total_steps = steps
+  cfg.model.init_workdir = base
+  for key, value in (overrides or {}).items():
+    *path, leaf = key.split(".")
+    node = cfg
+    for k in path:
+      node = node[k]
+    node[leaf] = value
+  s = train_lib.train_and_evaluate(cfg, workdir)
+  return dict(exact_match_before=float(s["before"]["exact_match"]), exact_match=float(s["after"]["exact_match"]),
+              loss=float(s["after"]["loss"]), opt_state_bytes=nbytes(s["state"].opt_state),
+              trainable_bytes=nbytes(s["state"].params), step_ms=step_ms(cfg, workdir))
+
+
 def main():
   a = transfer_args("optimizers.md", base_steps=1000, steps=400)
   t0 = time.time()
   base = train_base(a.workdir, a.model, a.base_steps)
   rows = []
   for title, cfg_file, arg in RUNS:
-    cfg = get_config(cfg_file, ",".join(filter(None, [f"model={a.model}", arg])))
-    cfg.data.task = "reverse"
-    cfg.total_steps = a.steps
-    cfg.model.init_workdir = base
-    wd = os.path.join(a.workdir, title.split(" ")[0].lower())
-    s = train_lib.train_and_evaluate(cfg, wd)
-    recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
-    tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]
-    step_ms = cfg.batch_size * cfg.seq_len / statistics.median(tps) * 1e3 if tps else float("nan")
-    rows.append((title, s["before"]["exact_match"], s["after"]["exact_match"], nbytes(s["state"].opt_state),
-                 nbytes(s["state"].params), step_ms))
+    r = run_method(cfg_file, arg, base, os.path.join(a.workdir, title.split(" ")[0].lower()), model=a.model,
+                   steps=a.steps)
+    rows.append((title, r["exact_match_before"], r["exact_match"], r["opt_state_bytes"], r["trainable_bytes"],
+                 r["step_ms"]))
     print(rows[-1], flush=True)
   lines = ["# Optimizers, layer sampling and sparse fine-tuning on the built-in task", "",
            f"A {a.model} model trained on `sort` ({a.base_steps} steps) is fine-tuned on `reverse` for {a.steps} "

@@ -1,4 +1,4 @@
-"""Preference tuning on the built-in task: SFT once, then DPO, IPO, LiPO-lambda and DPO-Kernels with LoRA from
+"""Preference tuning on the built-in task: SFT once, then DPO, IPO, SimPO, LiPO-lambda and DPO-Kernels with LoRA from
 the same SFT model. Writes a markdown table of held-out exact match and preference (ranking) accuracy before
 and after each run.
 
@@ -22,10 +22,49 @@ from benchmarks._common import ROOT, get_config
 RUNS = (
     ("DPO (sigmoid)", "dpo.py", ""),
     ("IPO", "dpo.py", "loss_type=ipo"),
+    ("SimPO", "dpo.py", "loss=simpo"),
     ("LiPO-lambda (K=4)", "lipo.py", ""),
     ("DPO-Kernels (rbf, KL, dpo_compatible)", "dpo_kernels.py", ""),
     ("DPO-Kernels (HMK, JS, dpo_compatible)", "dpo_kernels.py", "kernel=hmk,divergence=js"),
+    # The reference code's objective with embeddings from a frozen model (the paper: a frozen encoder).
+    ("DPO-Kernels (rbf, KL, faithful)", "dpo_kernels.py", "mode=faithful,source=reference_hidden"),
 )
+METRICS = ("exact_match", "ranking_accuracy", "rewards/accuracies", "loss")
+
+
+def run_dir(cfg_file: str, arg: str) -> str:
+  return cfg_file[:-3] + (("_" + arg.replace(",", "_").replace("=", "-")) if arg else "")
+
+
+def run_seed(workdir: str, model: str, sft_steps: int, steps: int, seed: int = 0, runs=RUNS,
+             smoke: bool = False, on_run=None, eval_before: bool = True, num_examples: int = 0):
+  """SFT once (seed: init and data order), then every (title, config file, argument) of `runs` with LoRA
+  from it (seed: adapter init and data order). Returns (SFT summary, [(title, before, after)]).
+
+  eval_before=False skips each run's evaluation at step 0 (the SFT model's, already in its summary);
+  num_examples > 0 sets the held-out prompts scored by exact match."""
+  sft_dir = os.path.join(workdir, "sft")
+  sm = ",smoke" if smoke else ""
+  cfg = get_config("sft.py", f"model={model},steps={sft_steps}{sm}")
+  cfg.seed = seed
+  if num_examples:
+    cfg.eval.num_examples = num_examples
+  sft = train_lib.train_and_evaluate(cfg, sft_dir)
+  rows = []
+  for title, cfg_file, arg in runs:
+    cfg = get_config(cfg_file, ",".join(filter(None, [f"model={model},steps={steps}{sm}", arg])))
+    cfg.model.init_workdir = sft_dir
+    cfg.seed = seed
+    cfg.eval_before = eval_before
+    if num_examples:
+      cfg.eval.num_examples = num_examples
+    s = train_lib.train_and_evaluate(cfg, os.path.join(workdir, run_dir(cfg_file, arg)))
+    b, f = ({k: float(v) for k, v in d.items() if k in METRICS} for d in (s.get("before", {}), s["after"]))
+    rows.append((title, b, f))
+    print(json.dumps({"run": title, "before": b, "after": f}, default=float), flush=True)
+    if on_run:
+      on_run(title, b, f)
+  return sft, rows
 
 
 def main():
@@ -35,20 +74,10 @@ def main():
   p.add_argument("--model", default="small")
   p.add_argument("--sft_steps", type=int, default=300)
   p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
-  sft_dir = os.path.join(a.workdir, "sft")
   t0 = time.time()
-  sft = train_lib.train_and_evaluate(get_config("sft.py", f"model={a.model},steps={a.sft_steps}"), sft_dir)
-  rows = []
-  for title, cfg_file, arg in RUNS:
-    cfg = get_config(cfg_file, ",".join(filter(None, [f"model={a.model},steps={a.steps}", arg])))
-    cfg.model.init_workdir = sft_dir
-    wd = os.path.join(a.workdir, cfg_file[:-3] + (("_" + arg.replace(",", "_").replace("=", "-")) if arg else ""))
-    s = train_lib.train_and_evaluate(cfg, wd)
-    b, f = s["before"], s["after"]
-    rows.append((title, b.get("exact_match"), f.get("exact_match"), b.get("ranking_accuracy"),
-                 f.get("ranking_accuracy"), f.get("rewards/accuracies"), f.get("loss")))
-    print(json.dumps({"run": title, "before": b, "after": f}, default=float), flush=True)
+  sft, rows = run_seed(a.workdir, a.model, a.sft_steps, a.steps, a.seed)
   lines = [
       "# Preference tuning on the built-in task",
       "",
@@ -62,10 +91,12 @@ def main():
       "| run | exact match before | after | ranking acc. before | after | rewards/accuracies after |",
       "|---|---|---|---|---|---|",
   ]
-  for title, eb, ea, rb, ra, racc, _ in rows:
-    lines.append(f"| {title} | {eb:.3f} | {ea:.3f} | {rb:.3f} | {ra:.3f} | {racc:.3f} |")
+  fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"     # SimPO has no reference: no implicit rewards
+  for title, b, f in rows:
+    lines.append(f"| {title} | {fmt(b, 'exact_match')} | {fmt(f, 'exact_match')} | {fmt(b, 'ranking_accuracy')} "
+                 f"| {fmt(f, 'ranking_accuracy')} | {fmt(f, 'rewards/accuracies')} |")
   lines += ["", f"Command: `python benchmarks/preference_table.py --workdir=WORKDIR --model={a.model} "
-            f"--sft_steps={a.sft_steps} --steps={a.steps}` ({jax.default_backend()}, "
+            f"--sft_steps={a.sft_steps} --steps={a.steps} --seed={a.seed}` ({jax.default_backend()}, "
             f"{time.time() - t0:.0f} s in all)."]
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:
