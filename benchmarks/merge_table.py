@@ -44,6 +44,11 @@ def methods():
       ("task arithmetic, lambda 0.5", "task_arithmetic", "base", both, {"lambda_": 0.5}),
       ("TIES, density 0.5", "ties", "base", both, {"density": 0.5}),
       ("TIES, density 0.2", "ties", "base", both, {"density": 0.2}),
+      # lambda 0.5: the scale of averaging two task vectors (TIES' paper picks lambda on validation data)
+      ("TIES, density 0.5, lambda 0.5", "ties", "base", both, {"density": 0.5, "lambda_": 0.5}),
+      ("TIES, density 0.2, lambda 0.5", "ties", "base", both, {"density": 0.2, "lambda_": 0.5}),
+      ("DARE linear, density 0.5, lambda 0.5", "dare_linear", "base", both, {"density": 0.5, "lambda_": 0.5}),
+      ("DARE TIES, density 0.5, lambda 0.5", "dare_ties", "base", both, {"density": 0.5, "lambda_": 0.5}),
       ("DARE linear, density 0.5", "dare_linear", "base", both, {"density": 0.5}),
       ("DARE TIES, density 0.5", "dare_ties", "base", both, {"density": 0.5}),
       ("DELLA, density 0.5", "della", "base", both, {"density": 0.5}),

@@ -67,6 +67,13 @@ def mean_ci(xs, confidence: float = CONFIDENCE) -> tuple[float, float, int]:
   return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(n)), n
 
 
+def paired_ci(per_seed: dict, ref_seed: dict) -> tuple[float, float, int]:
+  """`mean_ci` of the per-seed differences per_seed[s] - ref_seed[s] over the seeds both have: arms of one
+  seed share that seed's base model and data order, so their difference varies less than either arm."""
+  return mean_ci(per_seed[s] - ref_seed[s] for s in per_seed
+                 if s in ref_seed and per_seed[s] is not None and ref_seed[s] is not None)
+
+
 def separated(a: tuple, b: tuple) -> bool:
   """Whether two (mean, half-width, ...) intervals do not overlap: |m_a - m_b| > h_a + h_b."""
   return bool(abs(a[0] - b[0]) > a[1] + b[1])
@@ -186,16 +193,22 @@ def _tempbalance_tuned(records):
   return out
 
 
+# (arm, row title of merge_table.methods()): averaging is the reference; TIES and DARE at lambda 1 (mergekit's
+# default) and at lambda 0.5 (the scale averaging gives each of two task vectors).
+_MERGE_ROWS = (("linear", "linear (uniform soup)"), ("task_arithmetic", "task arithmetic, lambda 1"),
+               ("ties_l1", "TIES, density 0.5"), ("ties", "TIES, density 0.5, lambda 0.5"),
+               ("ties_d02", "TIES, density 0.2, lambda 0.5"), ("dare_linear", "DARE linear, density 0.5, lambda 0.5"),
+               ("dare_ties", "DARE TIES, density 0.5, lambda 0.5"))
+
+
 def _merging_run(seed, st, wd, emit):
   from benchmarks import merge_table as mt   # pylint: disable=g-import-not-at-top
-  first = {}
-  for m in mt.methods():        # the first row of each method: TIES / DARE density 0.5, task arithmetic lambda 1
-    first.setdefault(m[1], m)
-  table = [first[name] for name in st["methods"]]
+  by_title = {m[0]: m for m in mt.methods()}
+  table = [by_title[title] for _, title in st["rows"]]
   base_dir, ft_dirs = mt.fine_tunes(wd, st["model"], st["base_steps"], st["steps"], st["lr"], seed,
-                                    smoke=st["smoke"])
+                                    smoke=st["smoke"], base_tasks=st["base_tasks"])
   rows = mt.score_merges(base_dir, ft_dirs, st["model"], st["num_examples"], seed=seed, table=table)
-  ids = ["base", "ft_sort", "ft_reverse"] + [m[1] for m in table]
+  ids = ["base", "ft_sort", "ft_reverse"] + [arm for arm, _ in st["rows"]]
   for arm, (title, (s, r)) in zip(ids, rows):
     emit(dict(arm=arm, title=title, sort=s, reverse=r, mean=(s + r) / 2))
 
@@ -262,17 +275,19 @@ BLOCKS = {b.name: b for b in (
               "uniform, OwLore's outlier ratios (OWL, M = 13; calibration on 32 training rows of 32 tokens), "
               "or 1/alpha of the block's weights (HT-SR, `method=owlore_alpha`, `eigs_thresh` 16).")),
     Block("merging", "Merging two fine-tunes", _merging_run,
-          settings=dict(model="tiny", base_steps=300, steps=200, lr=3e-3, num_examples=100,
-                        methods=("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"), smoke=False),
-          quick=dict(model="tiny", base_steps=8, steps=8, lr=3e-3, num_examples=8,
-                     methods=("linear", "ties"), smoke=True),
+          settings=dict(model="small", base_tasks="add,sort,reverse", base_steps=150, steps=200, lr=1e-3,
+                        num_examples=100, rows=_MERGE_ROWS, smoke=False),
+          quick=dict(model="tiny", base_tasks="add,sort,reverse", base_steps=8, steps=8, lr=3e-3,
+                     num_examples=8, rows=_MERGE_ROWS[:1] + _MERGE_ROWS[3:4], smoke=True),
           metrics=(Metric("mean", "mean of the two tasks"), Metric("sort", "sort"), Metric("reverse", "reverse")),
           reference="linear",
           describe=lambda st: (
-              f"A `{st['model']}` model trained on `add` ({st['base_steps']} steps) is fine-tuned twice (full, "
-              f"{st['steps']} steps, lr {st['lr']:g}), on `sort` and on `reverse`; the fine-tunes are merged "
-              "by each method with task vectors relative to the base, weights 1, TIES / DARE density 0.5, "
-              f"lambda 1 (`benchmarks/merge_table.py`). Exact match on {st['num_examples']} held-out prompts "
+              f"A `{st['model']}` model trained on an even mixture of {st['base_tasks']} ({st['base_steps']} "
+              f"steps: it knows both targets a little) is fine-tuned twice (full, {st['steps']} steps, lr "
+              f"{st['lr']:g}), on `sort` and on `reverse`; the fine-tunes are merged by each method with task "
+              "vectors relative to the base, weights 1 (`benchmarks/merge_table.py`). Averaging is task "
+              "arithmetic at lambda 0.5. Exact match on "
+              f"{st['num_examples']} held-out prompts "
               "of each task.")),
 )}
 
@@ -354,10 +369,11 @@ def table(records: list[dict], block: Block) -> str:
   head = block.metrics[0]
   has_group = any(g for g, *_ in rows)
   ref_stats = {g: s for g, a, _, s, _ in rows if a == block.reference}
+  ref_seed = {g: ps for g, a, _, _, ps in rows if a == block.reference}
   cols = (["group"] if has_group else []) + ["run"] + [m.label for m in block.metrics] + \
-      [f"{head.label}, seed {s}" for s in seeds] + [f"vs `{block.reference}`"]
+      [f"{head.label}, seed {s}" for s in seeds] + [f"vs `{block.reference}`", "paired, same seed"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  verdicts = []
+  verdicts, paired_verdicts = [], []
   for g, a, title, stats, per_seed in rows:
     ref = ref_stats.get(g, {}).get(head.key)
     if a == block.reference or ref is None or stats[head.key][2] == 0:
@@ -371,7 +387,15 @@ def table(records: list[dict], block: Block) -> str:
         verdicts.append(f"{title}{' at ' + g if g else ''}: {diff:+{head.fmt}}")
     cells = ([g] if has_group else []) + [f"{title} (`{a}`)"] + [_fmt(stats[m.key], m) for m in block.metrics]
     cells += [("-" if per_seed.get(s) is None else f"{per_seed[s] * head.scale:{head.fmt}}") for s in seeds]
-    lines.append("| " + " | ".join(cells + [verdict]) + " |")
+    paired = "-"
+    if a != block.reference and g in ref_seed:
+      pm, ph, pn = paired_ci(per_seed, ref_seed[g])
+      if pn >= 2:
+        paired = f"{pm * head.scale:+{head.fmt}} ± {ph * head.scale:{head.fmt}}" + (
+            " **excludes 0**" if abs(pm) > ph else "")
+        if abs(pm) > ph:
+          paired_verdicts.append(f"{title}{' at ' + g if g else ''}: {pm * head.scale:+{head.fmt}}")
+    lines.append("| " + " | ".join(cells + [verdict, paired]) + " |")
   st = records[0]["settings"]
   secs = {}
   for r in records:
@@ -388,7 +412,10 @@ def table(records: list[dict], block: Block) -> str:
       f"in the seed mean of {head.label}; **larger than seed spread** when the two 95% intervals do not overlap "
       "(|m_a - m_b| > h_a + h_b), otherwise within spread. "
       + (f"Larger than the seed spread: {'; '.join(verdicts)}." if verdicts else
-         "No difference from the reference is larger than the seed spread."),
+         "No difference from the reference is larger than the seed spread.")
+      + " Paired column: mean ± 95% t half-width of the per-seed differences from the reference (arms of one "
+      "seed share its base model and data order), **excludes 0** when the interval does; "
+      + (f"it does for: {'; '.join(paired_verdicts)}." if paired_verdicts else "it does for no row."),
       "",
       f"Run time: {total / 60:.1f} min, the sum of the {n} seeds' wall times ({records[0].get('backend', 'cpu')}, "
       "a 2-core CPU shared with other jobs). "

@@ -164,3 +164,18 @@ def test_tempbalance_baseline_arms_have_tempbalance_off():
   tb = lt.config_for(args, 250, "tb", 0)
   assert not off.tempbalance.enabled and not up.tempbalance.enabled and tb.tempbalance.enabled
   assert up.optim.learning_rate == 2.0 * off.optim.learning_rate == 2.0 * tb.optim.learning_rate
+
+
+def test_paired_interval_is_the_interval_of_the_per_seed_differences():
+  """Arms of one seed share its base: the paired interval is mean ± t_(0.975, n-1) s / sqrt(n) of the
+  differences over the seeds both arms have (t_(0.975, 2) = 4.302653 for 3 seeds)."""
+  arm = {0: 0.50, 1: 0.40, 2: 0.70, 3: None}
+  ref = {0: 0.45, 1: 0.36, 2: 0.62, 4: 0.1}
+  m, h, n = study.paired_ci(arm, ref)
+  d = np.array([0.05, 0.04, 0.08])
+  assert n == 3
+  np.testing.assert_allclose(m, d.mean(), rtol=1e-12)
+  np.testing.assert_allclose(h, 4.302653 * d.std(ddof=1) / np.sqrt(3), rtol=1e-6)
+  # the unpaired intervals of these arms overlap, the paired one excludes 0
+  assert not study.separated(study.mean_ci([0.5, 0.4, 0.7]), study.mean_ci([0.45, 0.36, 0.62]))
+  assert abs(m) > h
