@@ -44,17 +44,26 @@ def mean_gradient(loss_fn: Callable, params, batches: Iterable[dict]):
   return jax.tree.map(lambda x: x / k, total)
 
 
-def lora_ga_init(params, loss_fn: Callable, batches: Iterable[dict], *, gamma: float = 16.0):
-  """LoRA nodes of `params` -> LoRA-GA factors and residual bases; `loss_fn(plain params, batch)`."""
+def node_gradients(params, select: Callable, loss_fn: Callable, batches: Iterable[dict], missing: str):
+  """({path: node} of the adapter nodes `select` picks, {path: mean gradient of `loss_fn` with respect to
+  that node's full weight}), the gradients taken on the plain model (those nodes replaced by their float32
+  bases); `missing`: the error when `select` picks none."""
   nodes = {}
-  map_with_path(lambda p, l: nodes.setdefault(p, l) if is_adapter(l) and hasattr(l, "a") else None, params,
+  map_with_path(lambda p, l: nodes.setdefault(p, l) if is_adapter(l) and select(l) else None, params,
                 is_leaf=is_adapter)
   if not nodes:
-    raise ValueError("LoRA-GA needs LoRA adapters (config.peft.method=lora)")
+    raise ValueError(missing)
   base = map_with_path(lambda p, l: float_weight(l.base, jnp.float32) if p in nodes else l, params,
                        is_leaf=is_adapter)
   grads = {}
   map_with_path(lambda p, l: grads.setdefault(p, l), mean_gradient(loss_fn, base, batches))
+  return nodes, grads
+
+
+def lora_ga_init(params, loss_fn: Callable, batches: Iterable[dict], *, gamma: float = 16.0):
+  """LoRA nodes of `params` -> LoRA-GA factors and residual bases; `loss_fn(plain params, batch)`."""
+  nodes, grads = node_gradients(params, lambda l: hasattr(l, "a"), loss_fn, batches,
+                                "LoRA-GA needs LoRA adapters (config.peft.method=lora)")
 
   def put(path, node):
     if path not in nodes:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from peft._core import Adapter, dot, is_adapter, map_with_path
 from peft._data_init import Calibration, register_data_init
-from peft._loraga import mean_gradient
+from peft._loraga import node_gradients
 from peft._lora import LowRankShape
 from peft._node import AdapterSpec, adapter_node, input_dropout, options_with_defaults, register_adapter, static_field
 from peft._quant import float_weight
@@ -103,15 +103,8 @@ def lorasb_factors(update: jax.Array, rank: int, scale: float):
 
 def lorasb_init(params, loss_fn, batches, *, lr: float = 1e-4, optimizer: str = "adam"):
   """LoRA-SB nodes of `params` -> A, R, B from the simulated first update; `loss_fn(plain params, batch)`."""
-  batches = list(batches)
-  nodes = {}
-  map_with_path(lambda p, l: nodes.setdefault(p, l) if isinstance(l, LoRASB) else None, params, is_leaf=is_adapter)
-  if not nodes:
-    raise ValueError("init=lorasb needs LoRA-SB adapters (config.peft.method=lorasb)")
-  base = map_with_path(lambda p, l: float_weight(l.base, jnp.float32) if p in nodes else l, params,
-                       is_leaf=is_adapter)
-  grads = {}
-  map_with_path(lambda p, l: grads.setdefault(p, l), mean_gradient(loss_fn, base, batches))
+  nodes, grads = node_gradients(params, lambda l: isinstance(l, LoRASB), loss_fn, list(batches),
+                                "init=lorasb needs LoRA-SB adapters (config.peft.method=lorasb)")
 
   def put(path, node):
     if path not in nodes:
