@@ -10,26 +10,14 @@ OUT: `y` (lin2(lin1(x)) with the adapters, unmerged), `y_merged` and `m__merged`
 penalty AdaLoraModel.forward adds to the loss), and for each t after `update_and_allocate(t)`:
 `t{t}__m__E` (Λ after masking), `t{t}__budget` (RankAllocator.budget_schedule(t)[0]).
 """
-import types
 
 import numpy as np
 import peft
 import torch
 
-from _common import parse_args, save
+from _common import parse_args, save, two_linear
 
 MODULES = ("lin1", "lin2")
-
-
-class Tiny(torch.nn.Module):
-  def __init__(self, n_in, n_mid, n_out):
-    super().__init__()
-    self.lin1 = torch.nn.Linear(n_in, n_mid, bias=False)
-    self.lin2 = torch.nn.Linear(n_mid, n_out, bias=False)
-
-  def forward(self, x):
-    # A `.loss` lets AdaLoraModel.forward add its orthogonality penalty, as it does for a causal LM.
-    return types.SimpleNamespace(loss=torch.zeros(()), logits=self.lin2(self.lin1(x)))
 
 
 def main():
@@ -37,7 +25,7 @@ def main():
   t = lambda k: torch.as_tensor(arrays[k], dtype=torch.float32)
   x = t("x")
   w1, w2 = arrays["lin1__w"], arrays["lin2__w"]
-  model = Tiny(w1.shape[1], w1.shape[0], w2.shape[0])
+  model = two_linear(w1.shape[1], w1.shape[0], w2.shape[0], with_loss=True)
   with torch.no_grad():
     model.lin1.weight.copy_(t("lin1__w"))
     model.lin2.weight.copy_(t("lin2__w"))

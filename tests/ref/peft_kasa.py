@@ -11,26 +11,16 @@ import numpy as np
 import peft
 import torch
 
-from _common import parse_args, save
+from _common import parse_args, save, two_linear
 
 MODULES = ("lin1", "lin2")
-
-
-class Tiny(torch.nn.Module):
-  def __init__(self, n_in, n_mid, n_out):
-    super().__init__()
-    self.lin1 = torch.nn.Linear(n_in, n_mid, bias=False)
-    self.lin2 = torch.nn.Linear(n_mid, n_out, bias=False)
-
-  def forward(self, x):
-    return self.lin2(self.lin1(x))
 
 
 def main():
   arrays, out, kw = parse_args()
   t = lambda k: torch.as_tensor(arrays[k], dtype=torch.float32)
   w1, w2 = arrays["lin1__w"], arrays["lin2__w"]
-  model = Tiny(w1.shape[1], w1.shape[0], w2.shape[0])
+  model = two_linear(w1.shape[1], w1.shape[0], w2.shape[0])
   with torch.no_grad():
     model.lin1.weight.copy_(t("lin1__w"))
     model.lin2.weight.copy_(t("lin2__w"))
